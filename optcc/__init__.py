@@ -1,0 +1,66 @@
+"""optcc: an optimization compiler for neural networks.
+
+The public API is re-exported here lazily, so ``import optcc`` stays fast and never imports
+torch, onnxruntime or TensorRT.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # errors
+    "OptccError": "optcc.errors",
+    "RecipeError": "optcc.errors",
+    "PluginError": "optcc.errors",
+    "ModelError": "optcc.errors",
+    "DataError": "optcc.errors",
+    "PassError": "optcc.errors",
+    "PreconditionError": "optcc.errors",
+    "VerificationError": "optcc.errors",
+    "ToleranceError": "optcc.errors",
+    "BackendError": "optcc.errors",
+    "BackendUnavailable": "optcc.errors",
+    # IR
+    "Model": "optcc.ir",
+    "Metadata": "optcc.ir",
+    "model_stats": "optcc.ir",
+    "verify_model": "optcc.ir",
+    "constant_weight": "optcc.ir",
+    # passes
+    "Pass": "optcc.passes",
+    "PassOptions": "optcc.passes",
+    "PassResult": "optcc.passes",
+    "PassContext": "optcc.passes",
+    "Tolerance": "optcc.passes",
+    "Capability": "optcc.passes",
+    # data
+    "Batch": "optcc.data",
+    "DataSource": "optcc.data",
+    # backends
+    "Backend": "optcc.backends",
+    "Artifact": "optcc.backends",
+    "LatencyResult": "optcc.backends",
+    # plugins and build
+    "hookimpl": "optcc.hookspecs",
+    "load_recipe": "optcc.recipe",
+    "build": "optcc.build",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'optcc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

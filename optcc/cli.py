@@ -1,0 +1,458 @@
+"""The ``optcc`` command line: build | validate | passes | plugins | inspect | bench | schema.
+
+A user mistake (any :class:`optcc.OptccError`) prints one ``error:`` line, maybe a
+``hint:`` line, and exits with status 2; an interrupted build exits 130; anything else is
+a bug in optcc and keeps its traceback (status 70). Heavy libraries are imported inside the
+commands, so ``optcc --help`` is fast and needs neither torch nor onnxruntime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+EXIT_BUG = 70
+
+
+# --------------------------------------------------------------------------- output helpers
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output (CI logs, files) gets a wide fixed width instead of rich's 80 columns.
+    width = None if stream.isatty() else 160
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
+
+
+def _table(title: str | None, headers: list[str], rows: Iterable[list[str]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_lines=False)
+    for header in headers:
+        table.add_column(header, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+class RichProgress:
+    """Progress bars on stderr for long steps (passes, evaluation, latency)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.console = _console(stderr=True)
+        self.interactive = sys.stderr.isatty()
+
+    def track(
+        self, iterable: Iterable[T], *, description: str, total: int | None = None
+    ) -> Iterator[T]:
+        if not self.enabled:
+            yield from iterable
+            return
+        if not self.interactive:  # logs: one line per step, no redrawn bars
+            self.console.print(f"[dim]• {description}[/dim]")
+            yield from iterable
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                   MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=self.console, transient=True) as bar:
+            yield from bar.track(iterable, total=total, description=description)
+
+    def status(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(f"[dim]• {message}[/dim]")
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _warn_plugin_errors(registry: Any, quiet: bool) -> None:
+    if quiet:
+        return
+    err = _console(stderr=True)
+    for error in registry.errors:
+        err.print(f"[yellow]warning:[/yellow] {error}", markup=True)
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_build(args: argparse.Namespace) -> int:
+    from optcc.build import build
+    from optcc.plugins import get_registry
+    from optcc.report import (
+        LATENCY_HEADERS,
+        PASS_HEADERS,
+        latency_rows,
+        pass_rows,
+    )
+
+    registry = get_registry()
+    _warn_plugin_errors(registry, args.quiet or args.json)
+    progress = RichProgress(enabled=not (args.quiet or args.json))
+    result = build(args.recipe, output=args.output, progress=progress, registry=registry)
+    report = result.report
+    if args.json:
+        _print_json(report)
+        return 0
+    if args.quiet:
+        print(result.output_dir)
+        return 0
+    console = _console()
+    console.print(_table("passes", PASS_HEADERS, pass_rows(report)))
+    console.print(_table("latency", LATENCY_HEADERS, latency_rows(report)))
+    summary = report["summary"]
+    bits = []
+    if summary.get("params_ratio") is not None:
+        bits.append(f"params ×{summary['params_ratio']:.3f}")
+    if summary.get("speedup") is not None:
+        bits.append(f"speed-up ×{summary['speedup']:.2f}")
+    if summary.get("metric_delta") is not None:
+        bits.append(f"{report['metric']['name']} {100 * summary['metric_delta']:+.2f} pts")
+    console.print(", ".join(bits))
+    console.print(f"wrote {result.output_dir} ({report['final']['artifact']['path']}, "
+                  "report.json, report.md)")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from optcc.plugins import get_registry
+    from optcc.recipe import load_recipe
+
+    registry = get_registry()
+    _warn_plugin_errors(registry, args.json)
+    plan = load_recipe(args.recipe, registry)
+    info = {
+        "recipe": str(plan.file),
+        "valid": True,
+        "model": plan.recipe.model.path or plan.recipe.model.torch,
+        "target": plan.recipe.target.backend,
+        "data": {role: d.source for role, d in plan.data.items()},
+        "passes": [{"name": p.name, "plugin": p.plugin, "line": p.line} for p in plan.passes],
+        "output": str(plan.output_dir),
+    }
+    if args.json:
+        _print_json(info)
+    else:
+        names = " → ".join(p.name for p in plan.passes) or "(no passes)"
+        print(f"{plan.file}: ok — {names} → {info['target']}")
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from optcc.plugins import get_registry
+
+    registry = get_registry()
+    if args.data:
+        items = registry.data_sources
+        kind = "data source"
+    else:
+        items = registry.passes
+        kind = "pass"
+    if args.name:
+        if args.name not in items:
+            from optcc.errors import OptccError
+            from optcc.recipe import suggest
+
+            raise OptccError(f"unknown {kind} '{args.name}'", hint=suggest(args.name, list(items)))
+        items = {args.name: items[args.name]}
+    rows = []
+    for name, cls in sorted(items.items()):
+        options = _describe_options(cls.Options)
+        entry = {
+            "name": name,
+            "plugin": registry.owner.get((kind, name)),
+            "summary": cls.summary,
+            "options": options,
+        }
+        if kind == "pass":
+            entry["requires"] = sorted(getattr(r, "value", str(r)) for r in cls.requires)
+            entry["tolerance"] = cls.tolerance.describe()
+        rows.append(entry)
+    if args.json:
+        _print_json(rows)
+        return 0
+    console = _console()
+    for entry in rows:
+        console.print(f"[bold]{entry['name']}[/bold]  ({entry['plugin']})  {entry['summary']}")
+        if kind == "pass":
+            console.print(f"  tolerance: {entry['tolerance']}; requires: "
+                          f"{', '.join(entry['requires']) or 'nothing'}")
+        for opt in entry["options"]:
+            default = "required" if opt["required"] else f"default {opt['default']!r}"
+            console.print(f"  [cyan]{opt['name']}[/cyan]: {opt['type']} ({default}) "
+                          f"{opt['description']}", markup=True)
+    return 0
+
+
+def _describe_options(options_model: Any) -> list[dict[str, Any]]:
+    rows = []
+    for key, info in options_model.model_fields.items():
+        annotation = info.annotation
+        type_name = getattr(annotation, "__name__", None) or str(annotation)
+        rows.append({
+            "name": key,
+            "type": str(type_name).replace("typing.", "").replace("optcc.passes.base.", ""),
+            "required": info.is_required(),
+            "default": None if info.is_required() else info.get_default(call_default_factory=True),
+            "description": info.description or "",
+        })
+    return rows
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from optcc.plugins import get_registry
+
+    registry = get_registry()
+    backends = []
+    for name, cls in sorted(registry.backends.items()):
+        ok, reason = cls.is_available()
+        backends.append({"name": name, "available": ok, "reason": reason,
+                         "install_hint": None if ok else cls.install_hint})
+    if args.json:
+        _print_json({"plugins": [p.to_dict() for p in registry.plugins], "backends": backends})
+    else:
+        console = _console()
+        rows = []
+        for p in registry.plugins:
+            provides = ", ".join(p.passes + p.data_sources + p.backends) or "–"
+            status = "[red]failed[/red]: " + p.error if p.error else "ok"
+            rows.append([p.name, p.version or "?", p.distribution or "?", provides, status])
+        console.print(_table("plugins", ["plugin", "version", "package", "provides", "status"], rows))
+        rows = [[b["name"], "yes" if b["available"] else "no",
+                 b["reason"] + (f" — {b['install_hint']}" if b["install_hint"] else "")]
+                for b in backends]
+        console.print(_table("backends", ["backend", "available", "why not"], rows))
+    return 1 if registry.errors else 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from optcc.ir import Model, model_stats
+    from optcc.report import fmt_bytes, fmt_int
+
+    model = Model.load(args.model)
+    stats = model_stats(model, _parse_shapes(args.shape))
+    info = {
+        "model": str(args.model),
+        "file_bytes": Path(args.model).stat().st_size,
+        "opset": model.opset,
+        "inputs": [f"{t.name}{list(t.shape or [])} {t.dtype.__name__ if hasattr(t.dtype, '__name__') else t.dtype}"
+                   for t in model.inputs],
+        "outputs": [t.name for t in model.outputs],
+        **stats.to_dict(),
+        "history": model.meta.history,
+    }
+    if args.json:
+        _print_json(info)
+        return 0
+    console = _console()
+    console.print(f"[bold]{args.model}[/bold]  opset {model.opset}, {stats.nodes} nodes, "
+                  f"{fmt_int(stats.params)} params, {fmt_bytes(stats.weight_bytes)} of weights, "
+                  f"{fmt_int(stats.flops)} FLOPs/sample, file {fmt_bytes(info['file_bytes'])}")
+    console.print(f"inputs: {', '.join(info['inputs'])}; outputs: {', '.join(info['outputs'])}")
+    console.print(f"sparsity of weighted layers: {100 * stats.sparsity:.1f} %; "
+                  f"INT8 coverage: {100 * stats.int8_coverage:.1f} %")
+    console.print(_table("ops", ["op", "count"], [[k, str(v)] for k, v in stats.op_histogram.items()]))
+    rows = [[layer.name, layer.op, "×".join(map(str, layer.weight_shape)), fmt_int(layer.params),
+             fmt_int(layer.flops), f"{100 * layer.sparsity:.1f} %",
+             layer.precision + (" W8A8" if layer.int8 else "")] for layer in stats.layers]
+    console.print(_table("layers", ["layer", "op", "weight", "params", "FLOPs", "sparsity", "precision"], rows))
+    if model.meta.history:
+        console.print("passes applied: " + " → ".join(h["pass"] for h in model.meta.history))
+    return 0
+
+
+def _parse_shapes(values: list[str] | None) -> dict[str, list[int]] | None:
+    if not values:
+        return None
+    from optcc.errors import OptccError
+
+    shapes = {}
+    for value in values:
+        name, _, dims = value.partition("=")
+        try:
+            shapes[name] = [int(d) for d in dims.split(",")]
+        except ValueError as exc:
+            raise OptccError(f"--shape '{value}': expected NAME=D1,D2,...") from exc
+    return shapes
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from optcc.backends.base import Artifact
+    from optcc.data.builtin import RandomOptions, RandomSource
+    from optcc.errors import OptccError
+    from optcc.ir import Model
+    from optcc.plugins import get_registry
+    from optcc.recipe import suggest
+    from optcc.runtime import OrtRunner
+
+    registry = get_registry()
+    cls = registry.backends.get(args.backend)
+    if cls is None:
+        raise OptccError(f"unknown backend '{args.backend}'", hint=suggest(args.backend, list(registry.backends)))
+    backend = cls(cls.Options(threads=args.threads, warmup=args.warmup, runs=args.runs))
+    results = []
+    for path in [args.model, *(args.compare or [])]:
+        model = Model.load(path)
+        specs = OrtRunner(model).input_specs
+        dims = dict(_parse_dims(args.dim))
+        source = RandomSource(RandomOptions(samples=args.batch_size, dims=dims), inputs=specs)
+        feeds = source.first_batch(args.batch_size).inputs
+        artifact = Artifact(backend=backend.name, path=Path(path))
+        if backend.name != "onnxruntime":
+            import tempfile
+
+            artifact = backend.compile(model, Path(tempfile.mkdtemp(prefix="optcc-bench-")))
+        lat = backend.measure_latency(artifact, feeds)
+        results.append({"model": str(path), **lat.to_dict()})
+    if len(results) > 1:
+        for r in results[1:]:
+            r["speedup_vs_first"] = results[0]["median_ms"] / r["median_ms"]
+    if args.json:
+        _print_json(results)
+        return 0
+    rows = [[r["model"], f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}", str(r["batch_size"]),
+             str(r["threads"] or "default"), f"{r.get('speedup_vs_first', 1.0):.2f}×"] for r in results]
+    _console().print(_table(f"latency on {backend.name}",
+                            ["model", "median ms", "p90 ms", "batch", "threads", "vs first"], rows))
+    return 0
+
+
+def _parse_dims(values: list[str] | None) -> Iterator[tuple[str, int]]:
+    from optcc.errors import OptccError
+
+    for value in values or []:
+        name, _, size = value.partition("=")
+        if not size.isdigit():
+            raise OptccError(f"--dim '{value}': expected NAME=SIZE, e.g. sequence=128")
+        yield name, int(size)
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from optcc.plugins import get_registry
+    from optcc.recipe import json_schema
+
+    schema = json_schema(get_registry())
+    text = json.dumps(schema, indent=2, default=str) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def make_parser() -> argparse.ArgumentParser:
+    from optcc import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="optcc",
+        description="Compress a neural network with a recipe of passes and lower it to ONNX "
+        "Runtime or TensorRT.",
+    )
+    parser.add_argument("--version", action="version", version=f"optcc {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("build", help="run a recipe and write the output folder")
+    p.add_argument("recipe", help="recipe YAML file (or a recipe name a plugin ships)")
+    p.add_argument("-o", "--output", help="output folder (overrides the recipe's 'output')")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the output folder")
+    p.add_argument("--json", action="store_true", help="print report.json to stdout")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("validate", help="check a recipe without running it")
+    p.add_argument("recipe")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("passes", help="list passes (or data sources) and their options")
+    p.add_argument("name", nargs="?", help="show one pass")
+    p.add_argument("--data", action="store_true", help="list data sources instead")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("plugins", help="list plugins, their versions and load errors; backends")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("inspect", help="ops, parameters, sparsity and INT8 coverage of a model")
+    p.add_argument("model")
+    p.add_argument("--shape", action="append", metavar="NAME=D1,D2,...",
+                   help="concrete input shape for FLOPs (dynamic dims default to 1)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="measure a model's latency on a backend")
+    p.add_argument("model")
+    p.add_argument("--compare", nargs="+", metavar="MODEL", help="more models, same inputs")
+    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--dim", action="append", metavar="NAME=SIZE",
+                   help="size of a named dynamic dimension (e.g. sequence=128)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("schema", help="write the recipe JSON Schema (for editors)")
+    p.add_argument("-o", "--output", help="file to write (default: stdout)")
+    p.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from optcc.errors import BuildInterrupted, OptccError
+
+    try:
+        return int(args.func(args) or 0)
+    except BuildInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OptccError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        print("internal error: this is a bug in optcc; please report it with the traceback "
+              "above", file=sys.stderr)
+        return EXIT_BUG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

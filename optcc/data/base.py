@@ -1,0 +1,208 @@
+"""Data sources: calibration, training and evaluation data as streams of batches.
+
+A source never needs the whole data set in memory: ``batches()`` yields
+:class:`Batch` objects of at most ``batch_size`` samples, stopping after ``limit`` samples.
+Plugins add sources through the ``optcc_data_sources`` hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from optcc.errors import DataError
+
+
+@dataclass
+class Batch:
+    """One batch: model inputs by name, plus labels where the data has them."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        first = next(iter(self.inputs.values()))
+        return int(first.shape[0]) if first.ndim else 1
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input: name, shape (``None`` or a string for dynamic dimensions), dtype."""
+
+    name: str
+    shape: tuple[int | str | None, ...]
+    dtype: np.dtype
+
+    def describe(self) -> str:
+        dims = ",".join(str(d) if isinstance(d, int) else (d or "?") for d in self.shape)
+        return f"{self.name}[{dims}] {self.dtype.name}"
+
+
+class DataOptions(BaseModel):
+    """Options every data source accepts, besides its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: int = Field(32, ge=1, description="Samples per batch.")
+    limit: int | None = Field(None, ge=1, description="Use at most this many samples.")
+
+
+class DataSource:
+    """Base class of a data source. Subclasses set ``name``, ``Options`` and ``_samples``.
+
+    ``_samples()`` yields ``(inputs, labels)`` chunks of any size (whole arrays are fine for
+    small data); the base class slices them into batches of ``batch_size`` and applies
+    ``limit``. A source that streams from disk yields small chunks.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type[DataOptions]] = DataOptions
+
+    def __init__(
+        self,
+        options: DataOptions,
+        *,
+        inputs: Sequence[InputSpec],
+        base_dir: Path | None = None,
+        role: str = "data",
+    ) -> None:
+        self.options = options
+        self.input_specs = list(inputs)
+        self.base_dir = base_dir or Path.cwd()
+        self.role = role
+
+    # -- to implement
+    def _samples(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+    # -- provided
+    def resolve(self, path: str | Path) -> Path:
+        """A path from the recipe, relative to the recipe's folder."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def error(self, message: str, hint: str | None = None) -> DataError:
+        return DataError(f"data '{self.role}' ({self.describe()}): {message}", hint=hint)
+
+    def batches(self, batch_size: int | None = None) -> Iterator[Batch]:
+        """Yield batches of at most ``batch_size`` samples, checked against the model inputs."""
+        size = batch_size or self.options.batch_size
+        remaining = self.options.limit
+        pending: list[tuple[dict[str, np.ndarray], np.ndarray | None]] = []
+        pending_n = 0
+        checked = False
+        for inputs, labels in self._samples():
+            if not checked:
+                self.check(inputs, labels)
+                checked = True
+            n = _count(inputs)
+            if remaining is not None:
+                if remaining <= 0:
+                    break
+                if n > remaining:
+                    inputs = {k: v[:remaining] for k, v in inputs.items()}
+                    labels = labels[:remaining] if labels is not None else None
+                    n = remaining
+                remaining -= n
+            pending.append((inputs, labels))
+            pending_n += n
+            while pending_n >= size:
+                batch, pending, pending_n = _take(pending, size)
+                yield Batch(self.cast(batch.inputs), batch.labels)
+        if pending_n:
+            batch, _, _ = _take(pending, pending_n)
+            yield Batch(self.cast(batch.inputs), batch.labels)
+
+    def first_batch(self, batch_size: int | None = None) -> Batch:
+        for batch in self.batches(batch_size):
+            return batch
+        raise self.error("yields no samples")
+
+    def check(self, inputs: dict[str, np.ndarray], labels: np.ndarray | None) -> None:
+        """Fail with one clear message when the data does not fit the model's inputs."""
+        expected = {spec.name for spec in self.input_specs}
+        missing = sorted(expected - set(inputs))
+        if missing:
+            raise self.error(
+                f"no data for model input(s) {', '.join(missing)}; it provides "
+                f"{', '.join(sorted(inputs)) or 'nothing'}",
+                hint="name the arrays after the model's inputs, or map them with 'inputs:'",
+            )
+        n = None
+        for spec in self.input_specs:
+            arr = inputs[spec.name]
+            if arr.ndim != len(spec.shape):
+                raise self.error(
+                    f"input '{spec.name}' expects {len(spec.shape)} dimensions "
+                    f"({spec.describe()}), got an array of shape {list(arr.shape)}"
+                )
+            for axis, (want, got) in enumerate(zip(spec.shape, arr.shape, strict=True)):
+                if isinstance(want, int) and want > 0 and want != got and axis != 0:
+                    raise self.error(
+                        f"input '{spec.name}' expects dimension {axis} to be {want} "
+                        f"({spec.describe()}), got shape {list(arr.shape)}"
+                    )
+            if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
+                raise self.error(
+                    f"input '{spec.name}' expects {spec.dtype.name}, got {arr.dtype.name}"
+                )
+            if n is None:
+                n = arr.shape[0]
+            elif arr.shape[0] != n:
+                raise self.error("inputs have different numbers of samples")
+        if labels is not None and n is not None and labels.shape[0] != n:
+            raise self.error(f"{labels.shape[0]} labels for {n} samples")
+
+    def cast(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {
+            spec.name: np.ascontiguousarray(inputs[spec.name], dtype=spec.dtype)
+            for spec in self.input_specs
+        }
+
+
+def _count(inputs: dict[str, np.ndarray]) -> int:
+    first = next(iter(inputs.values()))
+    return int(first.shape[0])
+
+
+def _take(
+    pending: list[tuple[dict[str, np.ndarray], np.ndarray | None]], size: int
+) -> tuple[Batch, list[tuple[dict[str, np.ndarray], np.ndarray | None]], int]:
+    """Concatenate the first ``size`` samples of ``pending``; return the rest."""
+    taken_inputs: dict[str, list[np.ndarray]] = {}
+    taken_labels: list[np.ndarray] = []
+    has_labels = all(labels is not None for _, labels in pending)
+    need = size
+    rest: list[tuple[dict[str, np.ndarray], np.ndarray | None]] = []
+    for inputs, labels in pending:
+        n = _count(inputs)
+        if need <= 0:
+            rest.append((inputs, labels))
+            continue
+        k = min(n, need)
+        for key, arr in inputs.items():
+            taken_inputs.setdefault(key, []).append(arr[:k])
+        if has_labels and labels is not None:
+            taken_labels.append(labels[:k])
+        if k < n:
+            rest.append(
+                ({key: arr[k:] for key, arr in inputs.items()}, None if labels is None else labels[k:])
+            )
+        need -= k
+    batch = Batch(
+        inputs={k: np.concatenate(v) for k, v in taken_inputs.items()},
+        labels=np.concatenate(taken_labels) if has_labels and taken_labels else None,
+    )
+    rest_n = sum(_count(i) for i, _ in rest)
+    return batch, rest, rest_n
+

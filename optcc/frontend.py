@@ -1,0 +1,169 @@
+"""Frontends: turn what the recipe names into a :class:`Model` — an ONNX file, or a PyTorch
+module exported with torch.onnx.
+
+Exporter choice: ``dynamo`` (torch.export based, opset 18 by default) is the default
+because it is torch's default since 2.9 and the TorchScript exporter is deprecated;
+``legacy`` stays available (opset 17 by default) for modules torch.export cannot trace.
+Dynamic axes are declared from the input specs (a string dimension is dynamic), and the
+example inputs use size 3 for them: with size 1 the dynamo exporter can silently fix a
+batch dimension, and 2 collides with torch.export's 0/1 specialisation less often than a
+static 2 would (FACTS.md). Export happens into a temporary folder; the user's files are
+never written.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from optcc._objects import load_object
+from optcc.errors import ModelError, OptccError
+from optcc.ir.model import Model
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE_DYNAMIC_SIZE = 3
+
+
+def load_model(plan: Any) -> Model:
+    """Load the recipe's model (ONNX path or torch factory)."""
+    spec = plan.recipe.model
+    if spec.path:
+        return Model.load(plan.resolve(spec.path))
+    return export_torch(
+        spec.torch,
+        inputs=[i.model_dump() for i in spec.inputs],
+        outputs=spec.outputs,
+        exporter=spec.exporter,
+        opset=spec.opset,
+        kwargs=spec.kwargs,
+        base_dir=plan.base_dir,
+    )
+
+
+def export_torch(
+    factory: str,
+    *,
+    inputs: list[dict[str, Any]],
+    outputs: list[str] | None = None,
+    exporter: str = "dynamo",
+    opset: int | None = None,
+    kwargs: dict[str, Any] | None = None,
+    base_dir: Path | None = None,
+) -> Model:
+    """Build the module from ``factory`` and export it to ONNX with dynamic axes."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise ModelError(
+            "exporting a torch model needs torch", hint="pip install 'optcc[torch]'"
+        ) from exc
+    label = f"torch:{factory}"
+    try:
+        make = load_object(factory, base_dir=base_dir, what="model factory")
+    except OptccError as exc:
+        raise ModelError(exc.message, hint=exc.hint) from exc
+    try:
+        module = make(**(kwargs or {}))
+    except Exception as exc:
+        raise ModelError(f"the factory raised {type(exc).__name__}: {exc}", path=label) from exc
+    if not isinstance(module, torch.nn.Module):
+        raise ModelError(
+            f"the factory returned {type(module).__name__}, expected a torch.nn.Module",
+            path=label,
+        )
+    module.eval()
+    examples = []
+    for spec in inputs:
+        shape = [d if isinstance(d, int) else EXAMPLE_DYNAMIC_SIZE for d in spec["shape"]]
+        dtype = getattr(torch, spec.get("dtype", "float32"))
+        if dtype.is_floating_point:
+            examples.append(torch.randn(*shape, dtype=dtype))
+        else:
+            examples.append(torch.zeros(*shape, dtype=dtype))
+    input_names = [spec["name"] for spec in inputs]
+    output_names = list(outputs or []) or None
+    with tempfile.TemporaryDirectory(prefix="optcc-export-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if exporter == "dynamo":
+                    dims: dict[str, Any] = {}
+                    dynamic_shapes = tuple(
+                        {
+                            axis: dims.setdefault(d, torch.export.Dim(_dim_name(d)))
+                            for axis, d in enumerate(spec["shape"])
+                            if isinstance(d, str)
+                        }
+                        or None
+                        for spec in inputs
+                    )
+                    program = torch.onnx.export(
+                        module, tuple(examples), dynamo=True, opset_version=opset or 18,
+                        input_names=input_names, output_names=output_names,
+                        dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
+                    )
+                    program.save(str(path))
+                else:
+                    dynamic_axes = {
+                        spec["name"]: {a: d for a, d in enumerate(spec["shape"]) if isinstance(d, str)}
+                        for spec in inputs
+                    }
+                    if output_names:
+                        batch_names = {
+                            d for spec in inputs for a, d in enumerate(spec["shape"]) if a == 0 and isinstance(d, str)
+                        }
+                        if batch_names:
+                            for name in output_names:
+                                dynamic_axes[name] = {0: sorted(batch_names)[0]}
+                    torch.onnx.export(
+                        module, tuple(examples), str(path), dynamo=False,
+                        opset_version=opset or 17, input_names=input_names,
+                        output_names=output_names, dynamic_axes=dynamic_axes,
+                    )
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            raise ModelError(
+                f"torch.onnx export ({exporter}) failed: {type(exc).__name__}: {first}",
+                path=label,
+                hint="try 'exporter: legacy'" if exporter == "dynamo" else "try 'exporter: dynamo'",
+            ) from exc
+        model = Model.load(path)
+    model.source = label
+    _check_export(module, examples, model, label)
+    return model
+
+
+def _dim_name(name: str) -> str:
+    cleaned = "".join(c if c.isalnum() else "_" for c in name)
+    return cleaned if cleaned and not cleaned[0].isdigit() else f"d_{cleaned}"
+
+
+def _check_export(module: Any, examples: list[Any], model: Model, label: str) -> None:
+    """The exported graph must reproduce the module's first output on the example input."""
+    import torch
+
+    from optcc.runtime import OrtRunner
+
+    with torch.no_grad():
+        expected = module(*examples)
+    if isinstance(expected, tuple | list):
+        expected = expected[0]
+    if isinstance(expected, dict):
+        expected = next(iter(expected.values()))
+    runner = OrtRunner(model)
+    feeds = {spec.name: ex.numpy() for spec, ex in zip(runner.input_specs, examples, strict=False)}
+    got = runner.run(feeds)[0]
+    ref = expected.detach().numpy()
+    diff = float(np.max(np.abs(got - ref))) if got.shape == ref.shape else float("inf")
+    if not diff <= 1e-3 * max(1.0, float(np.max(np.abs(ref)))):
+        raise ModelError(
+            f"the exported ONNX graph does not match the module (max difference {diff:.3g})",
+            path=label,
+        )

@@ -1,0 +1,128 @@
+"""Every plugin hook optcc calls. The docstrings below are the plugin author's reference.
+
+A plugin is any importable module or object with functions named after these hooks and
+decorated with :data:`hookimpl`::
+
+    from optcc import hookimpl
+
+    @hookimpl
+    def optcc_passes():
+        return [MyPass]
+
+optcc finds third-party plugins through the ``optcc`` entry-point group (see the README's
+"Writing a plugin"); the built-in passes, data sources and backends are registered through
+these same hooks. optcc calls every hook with keyword arguments; an implementation may
+accept any subset of them (pluggy passes only the ones it names), so adding an argument
+later never breaks an existing plugin. Hooks run in reverse registration order: plugins
+registered later run first.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from optcc.backends import Backend
+    from optcc.data import DataSource
+    from optcc.ir import Model
+    from optcc.passes import Pass, PassContext, PassResult
+
+PROJECT = "optcc"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+#: Decorate a plugin's hook functions with this.
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --------------------------------------------------------------------------- registration
+@hookspec
+def optcc_passes() -> list[type[Pass]]:
+    """Return the pass classes this plugin contributes.
+
+    Called once, when the plugin manager starts. Each item is a subclass of
+    :class:`optcc.Pass` with a unique kebab-case ``name`` — the key a recipe uses. Two
+    plugins registering the same name is an error that names both plugins. Return ``[]``
+    when the plugin has no passes. The pass's ``Options`` model becomes part of the recipe
+    schema, so its fields should carry types, bounds, defaults and descriptions.
+    """
+
+
+@hookspec
+def optcc_backends() -> list[type[Backend]]:
+    """Return the backend classes this plugin contributes.
+
+    Each item is a subclass of :class:`optcc.Backend` with a unique ``name`` — the value of
+    a recipe's ``target``. A backend whose libraries or hardware are missing must still be
+    registrable: report that from ``is_available()``, importing heavy libraries lazily.
+    """
+
+
+@hookspec
+def optcc_data_sources() -> list[type[DataSource]]:
+    """Return the data source classes this plugin contributes.
+
+    Each item is a subclass of :class:`optcc.DataSource` with a unique ``name`` — the value
+    of ``source:`` in a recipe's ``data`` section — and an ``Options`` model (a subclass of
+    :class:`optcc.data.DataOptions`).
+    """
+
+
+@hookspec
+def optcc_recipe_dirs() -> list[Path]:
+    """Return folders holding recipe YAML files this plugin ships.
+
+    ``optcc build NAME`` and ``optcc validate NAME`` look a bare recipe name up in these
+    folders (after the current directory), so a plugin package can ship ready recipes.
+    """
+
+
+# --------------------------------------------------------------------------- instrumentation
+@hookspec
+def optcc_before_pass(pass_: Pass, model: Model, ctx: PassContext, position: int) -> None:
+    """Called before each pass runs.
+
+    ``pass_`` is the configured pass instance (its options in ``pass_.options``), ``model``
+    the model it will receive (do not modify it), ``ctx`` the pass context and ``position``
+    the pass's 1-based index in the recipe. Return value ignored. An exception raised here
+    fails the build with an error naming this plugin.
+    """
+
+
+@hookspec
+def optcc_after_pass(
+    pass_: Pass, result: PassResult, record: dict[str, Any], ctx: PassContext, position: int
+) -> None:
+    """Called after a pass has run and its model has been verified.
+
+    ``result`` is the pass's :class:`optcc.PassResult`; ``record`` is the dict that goes
+    into ``report.json`` for this pass (time, parameters, bytes, metric, output difference,
+    the pass's own stats). A plugin may add keys to ``record`` under its own name. Return
+    value ignored.
+    """
+
+
+@hookspec
+def optcc_pass_failed(
+    pass_: Pass, error: Exception, ctx: PassContext, position: int, reproducer: Path | None
+) -> None:
+    """Called when a pass raised, produced an invalid model or broke its tolerance.
+
+    ``error`` is the :class:`optcc.PassError` about to be raised (its ``__cause__`` is the
+    original exception); ``reproducer`` is the folder holding the model before the failing
+    pass and the recipe fragment, or None when it could not be written. Return value
+    ignored; the build fails afterwards regardless.
+    """
+
+
+@hookspec
+def optcc_build_finished(report: dict[str, Any], output_dir: Path) -> None:
+    """Called once a build has succeeded and its output folder is in place.
+
+    ``report`` is the content of ``report.json``; ``output_dir`` the published output
+    folder. Use it to upload artifacts, send notifications or write extra files. Return
+    value ignored.
+    """

@@ -1,0 +1,290 @@
+"""The pass manager: runs passes in order and checks each one's work.
+
+For every pass:
+
+1. the ``optcc_before_pass`` hook;
+2. its requirements are checked (:class:`PreconditionError`);
+3. it runs on a private copy of the model; any exception becomes a :class:`PassError` that
+   names the pass, its position, its plugin and the passes that ran before it;
+4. the result is verified: ONNX checker (full), strict shape inference, and a run on the
+   verification batch compared with the previous model's outputs within the pass's
+   tolerance (:class:`VerificationError`, :class:`ToleranceError`);
+5. statistics are recorded (time, parameters, bytes, FLOPs, sparsity, INT8 coverage, the
+   metric, the largest output change) and the ``optcc_after_pass`` hook is called.
+
+On failure a reproducer — the model before the failing pass, a one-pass recipe and the
+error — is written to ``failure_dir`` and ``optcc_pass_failed`` is called.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from optcc.errors import (
+    ModelError,
+    OptccError,
+    PassError,
+    PluginError,
+    PreconditionError,
+    ToleranceError,
+    VerificationError,
+)
+from optcc.ir.model import Model
+from optcc.ir.stats import model_stats
+from optcc.ir.verify import verify_model
+from optcc.passes.base import Pass, PassContext, PassResult
+from optcc.runtime import OrtRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledPass:
+    """A configured pass in a pipeline, with where it came from."""
+
+    pass_: Pass
+    position: int
+    plugin: str | None = None
+    fragment: Any = None
+
+
+def output_difference(
+    new: list[np.ndarray], old: list[np.ndarray]
+) -> tuple[float, float]:
+    """The largest absolute output change, and the largest reference magnitude."""
+    worst = 0.0
+    scale = 0.0
+    for a, b in zip(new, old, strict=True):
+        if a.shape != b.shape:
+            return float("inf"), 0.0
+        a64 = a.astype(np.float64)
+        b64 = b.astype(np.float64)
+        worst = max(worst, float(np.max(np.abs(a64 - b64))) if a.size else 0.0)
+        scale = max(scale, float(np.max(np.abs(b64))) if b.size else 0.0)
+    return worst, scale
+
+
+class PassManager:
+    """Runs a pipeline of :class:`ScheduledPass` over a model."""
+
+    def __init__(
+        self,
+        passes: list[ScheduledPass],
+        *,
+        hook: Any,
+        verification_feeds: dict[str, np.ndarray],
+        evaluate: Callable[..., dict[str, float]] | None = None,
+        input_shapes: dict[str, list[int]] | None = None,
+        failure_dir: Path | None = None,
+        stages_dir: Path | None = None,
+        reproducer_recipe: Callable[[ScheduledPass], dict[str, Any]] | None = None,
+    ) -> None:
+        self.passes = passes
+        self.hook = hook
+        self.feeds = verification_feeds
+        self.evaluate = evaluate
+        self.input_shapes = input_shapes
+        self.failure_dir = failure_dir
+        self.stages_dir = stages_dir
+        self.reproducer_recipe = reproducer_recipe
+        self.records: list[dict[str, Any]] = []
+
+    def run(self, model: Model, ctx: PassContext) -> tuple[Model, list[dict[str, Any]]]:
+        """Run every pass; return the final model and one report record per pass."""
+        records = self.records
+        records.clear()
+        current = model
+        reference_outputs = OrtRunner(current).run(self.feeds)
+        ran: list[str] = []
+        for item in self.passes:
+            ctx.position = item.position
+            current, reference_outputs, record = self._run_one(
+                item, current, reference_outputs, ctx, ran
+            )
+            records.append(record)
+            ran.append(item.pass_.name)
+            ctx.stages[item.pass_.name] = current
+        return current, records
+
+    def _fail(
+        self, item: ScheduledPass, error: PassError, before: Model, ctx: PassContext
+    ) -> PassError:
+        reproducer = self._write_reproducer(item, error, before)
+        error.reproducer = reproducer
+        if reproducer is not None:
+            error.hint = (error.hint + "; " if error.hint else "") + f"reproducer: {reproducer}"
+        try:
+            self.hook.optcc_pass_failed(
+                pass_=item.pass_, error=error, ctx=ctx, position=item.position,
+                reproducer=reproducer,
+            )
+        except Exception:  # a broken failure hook must not hide the real error
+            logger.exception("optcc_pass_failed hook raised")
+        return error
+
+    def _run_one(
+        self,
+        item: ScheduledPass,
+        before: Model,
+        reference_outputs: list[np.ndarray],
+        ctx: PassContext,
+        ran: list[str],
+    ) -> tuple[Model, list[np.ndarray], dict[str, Any]]:
+        p = item.pass_
+        common = {"pass_name": p.name, "position": item.position, "plugin": item.plugin,
+                  "ran_before": list(ran)}
+        try:
+            self.hook.optcc_before_pass(pass_=p, model=before, ctx=ctx, position=item.position)
+        except Exception as exc:
+            raise PluginError(
+                f"optcc_before_pass hook raised {type(exc).__name__}: {exc}",
+                plugin=_hook_owner(exc),
+            ) from exc
+
+        missing = sorted(
+            getattr(r, "value", str(r)) for r in p.requires
+            if getattr(r, "value", r) not in {getattr(c, "value", c) for c in ctx.capabilities}
+        )
+        if missing:
+            raise self._fail(
+                item, PreconditionError(f"needs {', '.join(missing)}", **common), before, ctx
+            )
+
+        start = time.perf_counter()
+        try:
+            result = p(before.copy(), ctx)
+        except OptccError as exc:
+            raise self._fail(item, PassError(exc.message, hint=exc.hint, **common), before, ctx) from exc
+        except Exception as exc:
+            err = PassError(f"raised {type(exc).__name__}: {exc}", **common)
+            err.__cause__ = exc
+            raise self._fail(item, err, before, ctx) from exc
+        seconds = time.perf_counter() - start
+        if not isinstance(result, PassResult):
+            raise self._fail(
+                item,
+                PassError(f"returned {type(result).__name__}, expected PassResult", **common),
+                before, ctx,
+            )
+        after = result.model
+        try:
+            verify_model(after)
+            outputs = OrtRunner(after).run(self.feeds)
+        except ModelError as exc:
+            raise self._fail(item, VerificationError(exc.message, **common), before, ctx) from exc
+        diff, scale = output_difference(outputs, reference_outputs)
+        tolerance = p.effective_tolerance
+        if tolerance.enforced and not tolerance.allows(diff, scale):
+            raise self._fail(
+                item,
+                ToleranceError(
+                    f"changed the outputs by up to {diff:.3g} (output scale {scale:.3g}); "
+                    f"declared tolerance is {tolerance.describe()}",
+                    hint="a lossless pass should not change outputs; override with "
+                    "'tolerance: {atol: ..., rtol: ...}' only if this is expected",
+                    **common,
+                ),
+                before, ctx,
+            )
+
+        stats = model_stats(after, self.input_shapes)
+        record: dict[str, Any] = {
+            "position": item.position,
+            "name": p.name,
+            "plugin": item.plugin,
+            "options": p.options.model_dump(mode="json", exclude_defaults=True),
+            "modified": bool(result.modified),
+            "reason": result.reason,
+            "seconds": round(seconds, 4),
+            "params": stats.params,
+            "weight_bytes": stats.weight_bytes,
+            "flops": stats.flops,
+            "nodes": stats.nodes,
+            "sparsity": stats.sparsity,
+            "int8_coverage": stats.int8_coverage,
+            "max_abs_diff": diff,
+            "tolerance": tolerance.describe(),
+            "stats": _jsonable(result.stats),
+            "metric": None,
+        }
+        if self.evaluate is not None:
+            record["metric"] = self.evaluate(after, f"evaluating after {p.name}")
+        after.meta.history.append(
+            {
+                "pass": p.name,
+                "plugin": item.plugin,
+                "options": record["options"],
+                "modified": record["modified"],
+            }
+        )
+        if self.stages_dir is not None:
+            after.save(self.stages_dir / f"{item.position:02d}-{p.name}.onnx")
+        try:
+            self.hook.optcc_after_pass(
+                pass_=p, result=result, record=record, ctx=ctx, position=item.position
+            )
+        except Exception as exc:
+            raise PluginError(
+                f"optcc_after_pass hook raised {type(exc).__name__}: {exc}",
+                plugin=_hook_owner(exc),
+            ) from exc
+        return after, outputs, record
+
+    def _write_reproducer(self, item: ScheduledPass, error: Exception, before: Model) -> Path | None:
+        if self.failure_dir is None:
+            return None
+        folder = self.failure_dir / f"pass-{item.position:02d}-{item.pass_.name}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            before.save(folder / "model_before.onnx")
+            recipe = (
+                self.reproducer_recipe(item)
+                if self.reproducer_recipe
+                else {"version": 1, "model": "model_before.onnx", "passes": [item.fragment]}
+            )
+            (folder / "recipe.yaml").write_text(
+                "# Reproduces the failure: the model as it was before the failing pass, and\n"
+                "# that pass alone. Run: optcc build recipe.yaml\n"
+                + yaml.safe_dump(recipe, sort_keys=False)
+            )
+            cause = error.__cause__ or error
+            (folder / "error.txt").write_text(
+                f"{error}\n\n" + "".join(traceback.format_exception(cause))
+            )
+        except Exception:
+            logger.exception("could not write the reproducer")
+            return None
+        return folder
+
+
+def _hook_owner(exc: BaseException) -> str:
+    """Best guess at which plugin module raised ``exc`` (from its traceback)."""
+    tb = exc.__traceback__
+    module = "unknown"
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", module)
+        tb = tb.tb_next
+    return module
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float | int | str | bool) or value is None:
+        return value
+    return str(value)

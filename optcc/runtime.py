@@ -1,0 +1,87 @@
+"""Running a model on ONNX Runtime's CPU provider: the reference for verification and
+evaluation, whatever the build's target."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from optcc.data.base import InputSpec
+from optcc.errors import ModelError
+from optcc.ir.model import Model
+
+logger = logging.getLogger(__name__)
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def session_options(threads: int | None = None, optimization: str = "all") -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    opts.log_severity_level = 3
+    return opts
+
+
+class OrtRunner:
+    """An ONNX Runtime CPU session over a :class:`Model` (or a model file path)."""
+
+    def __init__(
+        self, model: Model | str, *, threads: int | None = None, optimization: str = "all"
+    ) -> None:
+        import onnxruntime as ort
+
+        self.label = model if isinstance(model, str) else (model.source or "model")
+        payload = model if isinstance(model, str) else model.runtime_input()
+        try:
+            self.session = ort.InferenceSession(
+                payload, session_options(threads, optimization), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            raise ModelError(f"ONNX Runtime cannot load the model: {message}") from exc
+        self.input_specs = [
+            InputSpec(i.name, tuple(i.shape), np.dtype(_ORT_TYPES.get(i.type, np.float32)))
+            for i in self.session.get_inputs()
+        ]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        names = {spec.name for spec in self.input_specs}
+        try:
+            return self.session.run(None, {k: v for k, v in feeds.items() if k in names})
+        except Exception as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            raise ModelError(f"ONNX Runtime failed to run the model: {message}") from exc
+
+
+def model_input_specs(model: Model) -> list[InputSpec]:
+    """The model's graph inputs as :class:`InputSpec` (dynamic dimensions as strings/None)."""
+    specs = []
+    for tensor in model.inputs:
+        shape = tuple(
+            d if isinstance(d, int) and d >= 0 else (str(d) if d is not None else None)
+            for d in (tensor.shape or [])
+        )
+        specs.append(InputSpec(tensor.name, shape, np.dtype(tensor.dtype or np.float32)))
+    return specs
