@@ -40,8 +40,14 @@ def _table(title: str | None, headers: list[str], rows: Iterable[list[str]]) -> 
     for header in headers:
         table.add_column(header, overflow="fold")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(_esc(cell) for cell in row))  # cells are data, never markup
     return table
+
+
+def _esc(text: Any) -> str:
+    from rich.markup import escape
+
+    return escape(str(text))
 
 
 class RichProgress:
@@ -59,7 +65,7 @@ class RichProgress:
             yield from iterable
             return
         if not self.interactive:  # logs: one line per step, no redrawn bars
-            self.console.print(f"[dim]• {description}[/dim]")
+            self.console.print(f"[dim]• {_esc(description)}[/dim]")
             yield from iterable
             return
         from rich.progress import (
@@ -78,7 +84,7 @@ class RichProgress:
 
     def status(self, message: str) -> None:
         if self.enabled:
-            self.console.print(f"[dim]• {message}[/dim]")
+            self.console.print(f"[dim]• {_esc(message)}[/dim]")
 
 
 def _print_json(data: Any) -> None:
@@ -90,7 +96,7 @@ def _warn_plugin_errors(registry: Any, quiet: bool) -> None:
         return
     err = _console(stderr=True)
     for error in registry.errors:
-        err.print(f"[yellow]warning:[/yellow] {error}", markup=True)
+        err.print(f"[yellow]warning:[/yellow] {_esc(error)}")
 
 
 # --------------------------------------------------------------------------- commands
@@ -126,9 +132,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         bits.append(f"speed-up ×{summary['speedup']:.2f}")
     if summary.get("metric_delta") is not None:
         bits.append(f"{report['metric']['name']} {100 * summary['metric_delta']:+.2f} pts")
-    console.print(", ".join(bits))
-    console.print(f"wrote {result.output_dir} ({report['final']['artifact']['path']}, "
-                  "report.json, report.md)")
+    console.print(_esc(", ".join(bits)))
+    console.print(_esc(f"wrote {result.output_dir} ({report['final']['artifact']['path']}, "
+                       "report.json, report.md)"))
     return 0
 
 
@@ -191,14 +197,16 @@ def cmd_passes(args: argparse.Namespace) -> int:
         return 0
     console = _console()
     for entry in rows:
-        console.print(f"[bold]{entry['name']}[/bold]  ({entry['plugin']})  {entry['summary']}")
+        console.print(
+            f"[bold]{entry['name']}[/bold]  ({_esc(entry['plugin'])})  {_esc(entry['summary'])}"
+        )
         if kind == "pass":
-            console.print(f"  tolerance: {entry['tolerance']}; requires: "
-                          f"{', '.join(entry['requires']) or 'nothing'}")
+            console.print(_esc(f"  tolerance: {entry['tolerance']}; requires: "
+                               f"{', '.join(entry['requires']) or 'nothing'}"))
         for opt in entry["options"]:
             default = "required" if opt["required"] else f"default {opt['default']!r}"
-            console.print(f"  [cyan]{opt['name']}[/cyan]: {opt['type']} ({default}) "
-                          f"{opt['description']}", markup=True)
+            console.print(f"  [cyan]{opt['name']}[/cyan]: "
+                          + _esc(f"{opt['type']} ({default}) {opt['description']}"))
     return 0
 
 
@@ -263,10 +271,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         _print_json(info)
         return 0
     console = _console()
-    console.print(f"[bold]{args.model}[/bold]  opset {model.opset}, {stats.nodes} nodes, "
+    console.print(f"[bold]{_esc(args.model)}[/bold]  opset {model.opset}, {stats.nodes} nodes, "
                   f"{fmt_int(stats.params)} params, {fmt_bytes(stats.weight_bytes)} of weights, "
                   f"{fmt_int(stats.flops)} FLOPs/sample, file {fmt_bytes(info['file_bytes'])}")
-    console.print(f"inputs: {', '.join(info['inputs'])}; outputs: {', '.join(info['outputs'])}")
+    console.print(_esc(f"inputs: {', '.join(info['inputs'])}; outputs: {', '.join(info['outputs'])}"))
     console.print(f"sparsity of weighted layers: {100 * stats.sparsity:.1f} %; "
                   f"INT8 coverage: {100 * stats.int8_coverage:.1f} %")
     console.print(_table("ops", ["op", "count"], [[k, str(v)] for k, v in stats.op_histogram.items()]))
@@ -275,7 +283,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
              layer.precision + (" W8A8" if layer.int8 else "")] for layer in stats.layers]
     console.print(_table("layers", ["layer", "op", "weight", "params", "FLOPs", "sparsity", "precision"], rows))
     if model.meta.history:
-        console.print("passes applied: " + " → ".join(h["pass"] for h in model.meta.history))
+        console.print(_esc("passes applied: " + " → ".join(h["pass"] for h in model.meta.history)))
     return 0
 
 

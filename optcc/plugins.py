@@ -230,8 +230,17 @@ def _collect(
     target: dict[str, type],
     info_attr: str,
 ) -> None:
-    """Call one registration hook plugin by plugin, so each name has a known owner."""
-    for impl in reversed(getattr(registry.hook, hook_name).get_hookimpls()):
+    """Call one registration hook plugin by plugin, so each name has a known owner.
+
+    On a name clash the first plugin keeps the name: built-in plugins first, then the
+    others in load order (entry points sorted by name).
+    """
+    order = {info.name: (not info.builtin, i) for i, info in enumerate(registry.plugins)}
+    impls = sorted(
+        getattr(registry.hook, hook_name).get_hookimpls(),
+        key=lambda impl: order.get(impl.plugin_name, (True, len(order))),
+    )
+    for impl in impls:
         plugin = impl.plugin_name
         try:
             items = impl.function() or []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,19 +68,32 @@ class Model:
         if path.is_dir():
             raise ModelError("expected an .onnx file, got a folder", path=path)
         try:
-            proto = onnx.load(str(path), load_external_data=True)
-        except FileNotFoundError as exc:
-            raise ModelError(
-                f"external data file missing: {exc.filename or exc}",
-                path=path,
-                hint="keep the .data file that was saved next to the model in the same folder",
-            ) from exc
+            proto = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # protobuf DecodeError and friends
             raise ModelError(
                 f"not a valid ONNX model ({type(exc).__name__}: {exc})",
                 path=path,
                 hint="the file may be truncated or not an ONNX file; re-export it",
             ) from exc
+        missing = sorted(
+            {
+                entry.value
+                for tensor in proto.graph.initializer
+                if tensor.data_location == onnx.TensorProto.EXTERNAL
+                for entry in tensor.external_data
+                if entry.key == "location" and not (path.parent / entry.value).is_file()
+            }
+        )
+        if missing:
+            raise ModelError(
+                f"external data file(s) missing: {', '.join(missing)}",
+                path=path,
+                hint="keep the weights file saved next to the model in the same folder",
+            )
+        try:
+            onnx.load_external_data_for_model(proto, str(path.parent))
+        except Exception as exc:
+            raise ModelError(f"cannot read the external data: {exc}", path=path) from exc
         if not proto.graph.node and not proto.graph.output:
             raise ModelError("not a valid ONNX model (empty graph)", path=path)
         model = cls.from_proto(proto, source=str(path))
@@ -159,27 +173,27 @@ class Model:
         if external_data is None:
             external_data = self.weight_bytes() > EXTERNAL_DATA_THRESHOLD
         proto = self.to_proto()
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        # Write into a private folder beside the target, then rename into place: a crash
+        # never leaves a half-written model (or weights file) under the final name.
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         data_name = path.name + ".data"
         try:
             if external_data:
-                tmp_data = path.with_name(data_name)
-                if tmp_data.exists():
-                    tmp_data.unlink()
                 onnx.save_model(
                     proto,
-                    str(tmp),
+                    str(staging / path.name),
                     save_as_external_data=True,
                     all_tensors_to_one_file=True,
                     location=data_name,
                     size_threshold=1024,
                 )
+                if (staging / data_name).exists():
+                    os.replace(staging / data_name, path.with_name(data_name))
             else:
-                onnx.save_model(proto, str(tmp))
-            os.replace(tmp, path)
+                onnx.save_model(proto, str(staging / path.name))
+            os.replace(staging / path.name, path)
         finally:
-            if tmp.exists():
-                tmp.unlink()
+            shutil.rmtree(staging, ignore_errors=True)
         return path
 
     def copy(self) -> Model:

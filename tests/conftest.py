@@ -1,0 +1,104 @@
+"""Shared fixtures: models built in code with onnx.helper, recipe writing, the registry."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from optcc.plugins import get_registry
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_MODEL = REPO / "optcc" / "demo" / "digits_cnn.onnx"
+
+
+def _gpu_available() -> bool:
+    from optcc.backends.tensorrt import gpu_present
+
+    return gpu_present()[0]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def registry():
+    return get_registry()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def conv_bn_model(
+    *, channels: int = 8, with_identity: bool = False, seed: int = 0, opset: int = 17
+) -> onnx.ModelProto:
+    """x[N,3,8,8] → Conv(3→C) → BN → Relu → (Identity) → GlobalAveragePool → Flatten → Gemm."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((channels, 3, 3, 3)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), "B"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, channels).astype(np.float32), "gamma"),
+        numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), "beta"),
+        numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32) * 0.1, "mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 2.0, channels).astype(np.float32), "var"),
+        numpy_helper.from_array(rng.standard_normal((4, channels)).astype(np.float32), "fc_w"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "fc_b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["bn"],
+                         name="bn", epsilon=1e-5),
+        helper.make_node("Relu", ["bn"], ["r"], name="relu"),
+    ]
+    last = "r"
+    if with_identity:
+        nodes.append(helper.make_node("Identity", ["r"], ["r_id"], name="identity"))
+        last = "r_id"
+    nodes += [
+        helper.make_node("GlobalAveragePool", [last], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv_bn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture
+def conv_bn_path(tmp_path: Path) -> Path:
+    path = tmp_path / "conv_bn.onnx"
+    onnx.save(conv_bn_model(), path)
+    return path
+
+
+@pytest.fixture
+def demo_copy(tmp_path: Path) -> Path:
+    """A private copy of the demo model (tests may check it is never modified)."""
+    path = tmp_path / "digits_cnn.onnx"
+    shutil.copy(DEMO_MODEL, path)
+    return path
+
+
+def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path

@@ -1,0 +1,168 @@
+"""The IR: loading, saving (incl. external data), metadata round trips, queries, stats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import conv_bn_model
+
+from optcc.errors import ModelError
+from optcc.ir import Model, model_stats, verify_model
+from optcc.runtime import OrtRunner
+
+
+def test_load_names_every_node_and_exposes_queries(conv_bn_path: Path) -> None:
+    model = Model.load(conv_bn_path)
+    names = [n.name for n in model.graph.nodes]
+    assert len(set(names)) == len(names) and all(names)
+    assert model.opset == 17
+    conv = model.node("conv")
+    assert [n.name for n in model.consumers_of(conv.outputs[0])] == ["bn"]
+    assert model.producer_of("bn").name == "bn"
+    assert model.producer_of("x") is None
+    layers = [(n.name, w.name, p) for n, w, p in model.weighted_layers()]
+    assert layers == [("conv", "W", "float32"), ("fc", "fc_w", "float32")]
+
+
+def test_metadata_survives_save_and_load(tmp_path: Path, conv_bn_path: Path) -> None:
+    model = Model.load(conv_bn_path)
+    mask = np.random.default_rng(0).random((8, 3, 3, 3)) > 0.5
+    model.meta.tensor("W")["mask"] = mask
+    model.meta.tensor("W")["range"] = np.array([-1.5, 2.25], dtype=np.float32)
+    model.meta.node("conv")["precision"] = {"dtype": "int8", "reason": "sensitivity 0.01"}
+    model.meta.history.append({"pass": "test", "modified": True})
+    out = model.save(tmp_path / "m.onnx")
+    again = Model.load(out)
+    assert np.array_equal(again.meta.tensor("W")["mask"], mask)
+    assert again.meta.tensor("W")["mask"].dtype == bool
+    np.testing.assert_array_equal(again.meta.tensor("W")["range"], [-1.5, 2.25])
+    assert again.meta.node("conv")["precision"]["reason"] == "sensitivity 0.01"
+    assert again.meta.history == [{"pass": "test", "modified": True}]
+
+
+def test_metadata_of_removed_tensors_is_dropped(tmp_path: Path, conv_bn_path: Path) -> None:
+    model = Model.load(conv_bn_path)
+    model.meta.tensor("no_such_tensor")["x"] = 1
+    again = Model.load(model.save(tmp_path / "m.onnx"))
+    assert "no_such_tensor" not in again.meta.tensors
+
+
+def test_external_data_round_trip(tmp_path: Path) -> None:
+    model = Model.from_proto(conv_bn_model(channels=64))  # weights above the 1 KiB threshold
+    out = model.save(tmp_path / "ext" / "m.onnx", external_data=True)
+    data_file = out.with_name("m.onnx.data")
+    assert data_file.exists() and data_file.stat().st_size > 0
+    proto = onnx.load(str(out), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    again = Model.load(out)
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(OrtRunner(again).run({"x": x})[0], OrtRunner(model).run({"x": x})[0])
+
+
+def test_missing_external_data_is_a_clear_error(tmp_path: Path) -> None:
+    out = Model.from_proto(conv_bn_model(channels=64)).save(tmp_path / "m.onnx", external_data=True)
+    out.with_name("m.onnx.data").unlink()
+    with pytest.raises(ModelError, match="external data"):
+        Model.load(out)
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path, conv_bn_path: Path) -> None:
+    model = Model.load(conv_bn_path)
+    model.save(tmp_path / "m.onnx")
+    model.save(tmp_path / "ext.onnx", external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv_bn.onnx", "ext.onnx", "m.onnx"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"this is not protobuf at all \x00\xff", "not a valid ONNX model"),
+        (None, "not a valid ONNX model"),  # truncated below
+    ],
+)
+def test_corrupt_and_truncated_files(tmp_path: Path, conv_bn_path: Path, content, message) -> None:
+    path = tmp_path / "bad.onnx"
+    if content is None:
+        data = conv_bn_path.read_bytes()
+        content = data[: len(data) // 2]
+    path.write_bytes(content)
+    with pytest.raises(ModelError, match=message) as info:
+        Model.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_model_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="model file not found"):
+        Model.load(tmp_path / "nope.onnx")
+
+
+def test_stats_count_params_flops_and_sparsity(conv_bn_path: Path) -> None:
+    model = Model.load(conv_bn_path)
+    conv = model.node("conv")
+    w = np.asarray(conv.inputs[1].values).copy()
+    w[:4] = 0  # half the output channels
+    conv.inputs[1].values = w
+    stats = model_stats(model)
+    by_name = {layer.name: layer for layer in stats.layers}
+    # Conv 3->8, 3x3, output 8x8: 2 * 8*8*8 * 3*3*3 FLOPs; params 8*3*3*3 + 8 bias.
+    assert by_name["conv"].flops == 2 * 8 * 64 * 27
+    assert by_name["conv"].params == 8 * 27 + 8
+    assert by_name["conv"].sparsity == pytest.approx(0.5)
+    assert by_name["fc"].flops == 2 * 4 * 8
+    # all float initializers: W, B, 4 BN vectors, fc_w, fc_b
+    assert stats.params == 8 * 27 + 8 + 4 * 8 + 4 * 8 + 4
+    assert stats.op_histogram["Conv"] == 1
+    assert stats.int8_coverage == 0.0
+
+
+def test_int8_layers_are_recognised_behind_dequantize(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 8), np.int8), "w_q")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    zp = numpy_helper.from_array(np.array(0, np.int8), "zp")
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w_q", "s", "zp"], ["wd"]),
+        helper.make_node("MatMul", ["xd", "wd"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [w, scale, zp],
+    )
+    model = Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    stats = model_stats(model)
+    assert stats.layers[0].precision == "int8" and stats.layers[0].int8
+    assert stats.int8_coverage == 1.0
+
+
+def test_verify_reports_broken_graphs(conv_bn_path: Path) -> None:
+    model = Model.load(conv_bn_path)
+    verify_model(model)  # valid
+    fc = model.node("fc")
+    fc.inputs[1].values = np.zeros((4, 5), np.float32)  # K=5 cannot multiply 8 features
+    with pytest.raises(ModelError, match="failed verification"):
+        verify_model(model)
+
+
+def test_copy_is_deep(conv_bn_path: Path) -> None:
+    model = Model.load(conv_bn_path)
+    clone = model.copy()
+    clone.node("conv").inputs[1].values = np.zeros((8, 3, 3, 3), np.float32)
+    clone.meta.history.append({"pass": "x"})
+    assert np.abs(np.asarray(model.node("conv").inputs[1].values)).sum() > 0
+    assert model.meta.history == []
+
+
+def test_round_trip_preserves_outputs(tmp_path: Path) -> None:
+    proto = conv_bn_model(with_identity=True)
+    model = Model.from_proto(proto)
+    path = model.save(tmp_path / "m.onnx")
+    x = np.random.default_rng(2).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(
+        OrtRunner(str(path)).run({"x": x})[0], OrtRunner(Model.from_proto(proto)).run({"x": x})[0]
+    )
