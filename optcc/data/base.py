@@ -107,8 +107,6 @@ class DataSource:
                 checked = True
             n = _count(inputs)
             if remaining is not None:
-                if remaining <= 0:
-                    break
                 if n > remaining:
                     inputs = {k: v[:remaining] for k, v in inputs.items()}
                     labels = labels[:remaining] if labels is not None else None
@@ -119,6 +117,8 @@ class DataSource:
             while pending_n >= size:
                 batch, pending, pending_n = _take(pending, size)
                 yield Batch(self.cast(batch.inputs), batch.labels)
+            if remaining is not None and remaining <= 0:
+                break  # do not pull another chunk from a streaming source
         if pending_n:
             batch, _, _ = _take(pending, pending_n)
             yield Batch(self.cast(batch.inputs), batch.labels)

@@ -175,6 +175,16 @@ def _pydantic_error(
     full = (*prefix, *loc)
     dotted = ".".join(str(p) for p in full) if full else "recipe"
     hint = None
+    if loc and loc[-1] == "[key]":  # a mapping key outside an allowed set (data roles)
+        key_loc = (*prefix, *loc[:-1])
+        expected = err.get("ctx", {}).get("expected", "")
+        options = [s.strip(" '") for s in expected.replace(" or ", ",").split(",") if s.strip()]
+        hint = suggest(str(loc[-2]), options)
+        allowed = f"allowed: {', '.join(options)}"
+        return located.error(
+            f"{what}: unknown key '{loc[-2]}' in '{'.'.join(map(str, key_loc[:-1]))}'",
+            key_loc, key=True, hint=f"{hint} {allowed}" if hint else allowed,
+        )
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])
         fields = _fields_at(model, loc[:-1])
