@@ -118,6 +118,20 @@ def test_stats_count_params_flops_and_sparsity(conv_bn_path: Path) -> None:
     assert stats.int8_coverage == 0.0
 
 
+def test_flops_use_given_sequence_length() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((16, 32), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 32])], [w],
+    )
+    model = Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert model_stats(model).flops == 2 * 1 * 32 * 16  # dynamic dims default to 1
+    assert model_stats(model, {"x": [8, 128, 16]}).flops == 2 * 128 * 32 * 16  # per sample
+
+
 def test_int8_layers_are_recognised_behind_dequantize(tmp_path: Path) -> None:
     from onnx import TensorProto, helper, numpy_helper
 

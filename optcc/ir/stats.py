@@ -5,7 +5,8 @@ benchmarks, so they are computed in one place.
 
 FLOPs count one multiply-add as 2 operations, per sample: shapes are inferred with every
 dynamic dimension set to 1 unless ``input_shapes`` gives concrete ones (a sequence length,
-say). A layer whose output shape cannot be inferred reports ``flops=None``.
+say), and totals are divided by the batch size (the first dimension of the first input).
+A layer whose output shape cannot be inferred reports ``flops=None``.
 """
 
 from __future__ import annotations
@@ -64,8 +65,11 @@ class ModelStats:
         return out
 
 
-def _static_shapes(model: Model, input_shapes: dict[str, list[int]] | None) -> dict[str, list[int]]:
-    """Infer a concrete shape per tensor, with dynamic input dimensions set to 1."""
+def _static_shapes(
+    model: Model, input_shapes: dict[str, list[int]] | None
+) -> tuple[dict[str, list[int]], int]:
+    """Infer a concrete shape per tensor, with dynamic input dimensions set to 1; also
+    return the batch size those shapes stand for."""
     proto = model.to_proto()
     del proto.graph.value_info[:]
     for inp in proto.graph.input:
@@ -78,10 +82,13 @@ def _static_shapes(model: Model, input_shapes: dict[str, list[int]] | None) -> d
             elif not dim.HasField("dim_value") or dim.dim_value <= 0:
                 dim.Clear()
                 dim.dim_value = 1
+    batch = 1
+    if proto.graph.input and proto.graph.input[0].type.tensor_type.shape.dim:
+        batch = max(1, proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:
-        return {}
+        return {}, batch
     shapes: dict[str, list[int]] = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(
         inferred.graph.input
@@ -89,7 +96,7 @@ def _static_shapes(model: Model, input_shapes: dict[str, list[int]] | None) -> d
         dims = vi.type.tensor_type.shape.dim
         if dims and all(d.HasField("dim_value") for d in dims):
             shapes[vi.name] = [d.dim_value for d in dims]
-    return shapes
+    return shapes, batch
 
 
 def _layer_flops(node: gs.Node, weight: gs.Constant, shapes: dict[str, list[int]]) -> int | None:
@@ -98,12 +105,12 @@ def _layer_flops(node: gs.Node, weight: gs.Constant, shapes: dict[str, list[int]
     if node.op == "Conv":
         if out is None:
             return None
-        return 2 * int(np.prod(out[1:])) * int(np.prod(wshape[1:]))
+        return 2 * int(np.prod(out)) * int(np.prod(wshape[1:]))
     if node.op == "ConvTranspose":
         inp = shapes.get(node.inputs[0].name)
         if inp is None:
             return None
-        return 2 * int(np.prod(inp[2:])) * wshape[0] * int(np.prod(wshape[1:]))
+        return 2 * int(np.prod(inp[:1] + inp[2:])) * wshape[0] * int(np.prod(wshape[1:]))
     if out is None:
         return None
     if node.op == "Gemm":
@@ -115,6 +122,10 @@ def _layer_flops(node: gs.Node, weight: gs.Constant, shapes: dict[str, list[int]
         k = wshape[-1] if weight_first else (wshape[-2] if len(wshape) >= 2 else wshape[0])
         return 2 * int(np.prod(out)) * k
     return None
+
+
+def _per_sample(flops: int | None, batch: int) -> int | None:
+    return None if flops is None else flops // batch
 
 
 def constant_input_index(node: gs.Node) -> int:
@@ -145,7 +156,7 @@ def _is_parameter(tensor: gs.Constant) -> bool:
 
 def model_stats(model: Model, input_shapes: dict[str, list[int]] | None = None) -> ModelStats:
     """Compute :class:`ModelStats` for ``model`` (does not modify it)."""
-    shapes = _static_shapes(model, input_shapes)
+    shapes, batch = _static_shapes(model, input_shapes)
     layers: list[LayerStats] = []
     for node, weight, precision in model.weighted_layers():
         values = np.asarray(weight.values)
@@ -160,7 +171,7 @@ def model_stats(model: Model, input_shapes: dict[str, list[int]] | None = None) 
                 params=params,
                 bytes=int(values.nbytes),
                 sparsity=zeros / values.size if values.size else 0.0,
-                flops=_layer_flops(node, weight, shapes),
+                flops=_per_sample(_layer_flops(node, weight, shapes), batch),
                 precision=precision,
                 int8=precision in QUANTIZED_DTYPES and _activation_quantized(node),
             )
