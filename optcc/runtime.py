@@ -4,6 +4,8 @@ evaluation, whatever the build's target."""
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,8 @@ from optcc.errors import ModelError
 from optcc.ir.model import Model
 
 logger = logging.getLogger(__name__)
+
+PROVIDERS = ["CPUExecutionProvider"]
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -52,11 +56,19 @@ class OrtRunner:
         import onnxruntime as ort
 
         self.label = model if isinstance(model, str) else (model.source or "model")
-        payload = model if isinstance(model, str) else model.runtime_input()
+        options = session_options(threads, optimization)
         try:
-            self.session = ort.InferenceSession(
-                payload, session_options(threads, optimization), providers=["CPUExecutionProvider"]
-            )
+            if isinstance(model, str):
+                self.session = ort.InferenceSession(model, options, providers=PROVIDERS)
+            elif model.needs_external_data():
+                # Over protobuf's 2 GiB: go through a file with external data. ONNX Runtime
+                # reads the weights while it creates the session, so the copy can go after.
+                with tempfile.TemporaryDirectory(prefix="optcc-ort-") as tmp:
+                    path = model.save(Path(tmp) / "model.onnx", external_data=True)
+                    self.session = ort.InferenceSession(str(path), options, providers=PROVIDERS)
+            else:
+                payload = model.to_proto().SerializeToString()
+                self.session = ort.InferenceSession(payload, options, providers=PROVIDERS)
         except Exception as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             raise ModelError(f"ONNX Runtime cannot load the model: {message}") from exc

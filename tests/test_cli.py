@@ -27,7 +27,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 def test_help_is_fast_and_imports_no_heavy_library() -> None:
     code = (
-        "import sys\nfrom optcc.cli import main\n"
+        "import sys\nimport optcc\nfrom optcc.cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('torch', 'onnxruntime', 'tensorrt', 'onnx') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
@@ -184,3 +184,50 @@ def test_schema_command_matches_committed_schema(tmp_path: Path, capsys) -> None
 def test_no_command_prints_help(capsys) -> None:
     code, out, _ = run(capsys)
     assert code == EXIT_USER_ERROR and "usage: optcc" in out
+
+
+def test_internal_bug_keeps_traceback_and_exit_70(tmp_path: Path, capsys) -> None:
+    from optcc import hookimpl
+    from optcc.backends import Backend
+    from optcc.plugins import create_registry, set_registry
+
+    class BuggyBackend(Backend):
+        name = "buggy"
+
+        def _compile_impl(self, model, out_dir):
+            raise RuntimeError("an optcc bug")
+
+    class P:
+        @hookimpl
+        def optcc_backends(self):
+            return [BuggyBackend]
+
+    set_registry(create_registry(extra_plugins=[("buggy", P())]))
+    try:
+        recipe = write_recipe(tmp_path, f"version: 1\nmodel: {DEMO_MODEL}\ntarget: buggy\n")
+        code, _, err = run(capsys, "build", str(recipe))
+    finally:
+        set_registry(None)
+    assert code == 70
+    assert "Traceback" in err and "RuntimeError: an optcc bug" in err and "bug in optcc" in err
+
+
+def test_recipes_shipped_by_a_plugin_are_found_by_name(tmp_path: Path, capsys) -> None:
+    from optcc import hookimpl
+    from optcc.plugins import create_registry, set_registry
+
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    write_recipe(shipped, f"version: 1\nmodel: {DEMO_MODEL}\npasses: [fold-batchnorm]\n", name="vendor-recipe.yaml")
+
+    class P:
+        @hookimpl
+        def optcc_recipe_dirs(self):
+            return [shipped]
+
+    set_registry(create_registry(extra_plugins=[("vendor", P())]))
+    try:
+        code, out, _ = run(capsys, "validate", "vendor-recipe")
+    finally:
+        set_registry(None)
+    assert code == 0 and out.startswith(f"{shipped / 'vendor-recipe.yaml'}: ok")

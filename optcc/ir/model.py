@@ -103,8 +103,9 @@ class Model:
     def from_proto(cls, proto: onnx.ModelProto, *, source: str | None = None) -> Model:
         """Wrap an in-memory ``ModelProto``, reading optcc metadata from its properties."""
         try:
-            # The in-memory checker cannot take protos over 2 GiB; those are checked by path.
-            if proto.ByteSize() < 2**31 - 1:
+            # The in-memory checker cannot take protos over 2 GiB (and ByteSize() itself fails
+            # on them); those are checked by path in verify_model.
+            if _initializer_bytes(proto) <= EXTERNAL_DATA_THRESHOLD:
                 onnx.checker.check_model(proto)
         except onnx.checker.ValidationError as exc:
             first = str(exc).strip().splitlines()[0]
@@ -207,12 +208,9 @@ class Model:
             extra_metadata=self.extra_metadata,
         )
 
-    def runtime_input(self, workdir: str | Path | None = None) -> bytes | str:
-        """What ONNX Runtime and the checker should load: bytes, or a path for huge models."""
-        if self.weight_bytes() <= EXTERNAL_DATA_THRESHOLD:
-            return self.to_proto().SerializeToString()
-        folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="optcc-"))
-        return str(self.save(folder / "model.onnx", external_data=True))
+    def needs_external_data(self) -> bool:
+        """Whether the model is too large for one protobuf message (> ~1.5 GB of weights)."""
+        return self.weight_bytes() > EXTERNAL_DATA_THRESHOLD
 
     # ------------------------------------------------------------------ queries
     @property
@@ -277,6 +275,16 @@ class Model:
                 name = f"{node.op}_{counter}"
             node.name = name
             seen.add(name)
+
+
+def _initializer_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of the initializers held in the proto (external data not counted)."""
+    total = 0
+    for tensor in proto.graph.initializer:
+        total += len(tensor.raw_data) if tensor.raw_data else 4 * (
+            len(tensor.float_data) + len(tensor.int32_data)
+        ) + 8 * (len(tensor.int64_data) + len(tensor.double_data))
+    return total
 
 
 def _constant_through_dq(tensor: gs.Tensor) -> gs.Constant | None:

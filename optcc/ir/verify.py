@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 
 from optcc.errors import ModelError
-from optcc.ir.model import EXTERNAL_DATA_THRESHOLD, Model
+from optcc.ir.model import Model
 
 
 def _first_line(exc: BaseException) -> str:
@@ -29,7 +29,7 @@ def verify_model(model: Model) -> onnx.ModelProto:
     proto = model.to_proto()
     del proto.graph.value_info[:]
     try:
-        if model.weight_bytes() > EXTERNAL_DATA_THRESHOLD:
+        if model.needs_external_data():
             with tempfile.TemporaryDirectory(prefix="optcc-verify-") as tmp:
                 path = Path(tmp) / "model.onnx"
                 model.save(path, external_data=True)

@@ -107,6 +107,7 @@ class PassManager:
         ran: list[str] = []
         for item in self.passes:
             ctx.position = item.position
+            ctx.progress.status(f"pass {item.position}/{len(self.passes)}: {item.pass_.name}")
             current, reference_outputs, record = self._run_one(
                 item, current, reference_outputs, ctx, ran
             )
