@@ -98,10 +98,12 @@ def optcc_after_pass(
 ) -> None:
     """Called after a pass has run and its model has been verified.
 
-    ``result`` is the pass's :class:`optcc.PassResult`; ``record`` is the dict that goes
-    into ``report.json`` for this pass (time, parameters, bytes, metric, output difference,
-    the pass's own stats). A plugin may add keys to ``record`` under its own name. Return
-    value ignored.
+    ``pass_`` is the pass instance; ``result`` its :class:`optcc.PassResult` (the new model
+    is ``result.model``); ``record`` is the dict that goes into ``report.json`` for this pass
+    (time, parameters, bytes, metric, output difference, the pass's own stats) — a plugin
+    may add keys to it under its own name; ``ctx`` is the pass context and ``position`` the
+    pass's 1-based index. Return value ignored. An exception raised here fails the build
+    with an error naming this plugin.
     """
 
 
@@ -111,10 +113,12 @@ def optcc_pass_failed(
 ) -> None:
     """Called when a pass raised, produced an invalid model or broke its tolerance.
 
-    ``error`` is the :class:`optcc.PassError` about to be raised (its ``__cause__`` is the
-    original exception); ``reproducer`` is the folder holding the model before the failing
-    pass and the recipe fragment, or None when it could not be written. Return value
-    ignored; the build fails afterwards regardless.
+    ``pass_`` is the failing pass instance; ``error`` the :class:`optcc.PassError` about to
+    be raised (its ``__cause__`` is the original exception); ``ctx`` the pass context;
+    ``position`` the pass's 1-based index; ``reproducer`` the folder holding the model
+    before the failing pass and a one-pass recipe, or None when it could not be written.
+    Return value ignored; the build fails afterwards regardless, and an exception raised
+    here is logged, never allowed to hide the original error.
     """
 
 
