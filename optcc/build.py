@@ -224,6 +224,7 @@ def build(
             input_shapes=input_shapes,
             failure_dir=staging / "reproducer",
             stages_dir=stages_dir,
+            pass_outputs_dir=staging / "passes",
             reproducer_recipe=_reproducer_recipe(plan),
         )
         report["passes"] = manager.records  # filled as passes finish, kept on failure

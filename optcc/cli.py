@@ -213,16 +213,29 @@ def cmd_passes(args: argparse.Namespace) -> int:
 def _describe_options(options_model: Any) -> list[dict[str, Any]]:
     rows = []
     for key, info in options_model.model_fields.items():
-        annotation = info.annotation
-        type_name = getattr(annotation, "__name__", None) or str(annotation)
         rows.append({
             "name": key,
-            "type": str(type_name).replace("typing.", "").replace("optcc.passes.base.", ""),
+            "type": _type_name(info.annotation),
             "required": info.is_required(),
             "default": None if info.is_required() else info.get_default(call_default_factory=True),
             "description": info.description or "",
         })
     return rows
+
+
+def _type_name(annotation: Any) -> str:
+    """A readable option type: 'max' | 'entropy', list[str], int | None, ..."""
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    if origin is None:
+        return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(_type_name(a) for a in args)
+    return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -353,6 +366,22 @@ def _parse_dims(values: list[str] | None) -> Iterator[tuple[str, int]]:
         yield name, int(size)
 
 
+def cmd_lint(args: argparse.Namespace) -> int:
+    from optcc.ir import Model
+    from optcc.lint import lint_tensorrt
+
+    findings = lint_tensorrt(Model.load(args.model))
+    errors = sum(f.severity == "error" for f in findings)
+    if args.json:
+        _print_json([f.to_dict() for f in findings])
+    else:
+        for finding in findings:
+            print(finding)
+        print(f"{args.model}: {errors} error(s), {len(findings) - errors} warning(s) "
+              "against TensorRT's Q/DQ rules")
+    return 1 if errors else 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from optcc.plugins import get_registry
     from optcc.recipe import json_schema
@@ -421,6 +450,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="size of a named dynamic dimension (e.g. sequence=128)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("lint", help="check a Q/DQ model against TensorRT's quantization rules")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lint)
 
     p = sub.add_parser("schema", help="write the recipe JSON Schema (for editors)")
     p.add_argument("-o", "--output", help="file to write (default: stdout)")

@@ -145,7 +145,10 @@ class PassContext:
       pass can adapt its output (Q/DQ format differs per target);
     - ``original``: the model as loaded, before any pass (a distillation teacher);
     - ``stages``: the model after each pass so far, by pass name;
-    - ``workdir``: a private folder for checkpoints and scratch files, kept with the build;
+    - ``workdir``: a private folder for checkpoints and scratch files (deleted after a
+      successful build);
+    - ``output_dir``: a folder for files the pass publishes with the build (a calibration
+      cache, say): ``passes/NN-name/`` in the output folder;
     - ``progress``: report long loops through ``ctx.progress.track(...)``;
     - ``evaluate``: returns the recipe's metric for a model (``{"accuracy": 0.97}``);
     - ``seed``: for anything random.
@@ -156,6 +159,7 @@ class PassContext:
     original: Model | None = None
     stages: dict[str, Model] = field(default_factory=dict)
     workdir: Path | None = None
+    output_dir: Path | None = None
     progress: Progress = field(default_factory=Progress)
     evaluate: Callable[[Model], dict[str, float]] | None = None
     seed: int = 0
@@ -183,6 +187,12 @@ class Pass:
         if options is not None and kwargs:
             raise TypeError("pass either an Options instance or keyword options, not both")
         self.options = options if options is not None else self.Options(**kwargs)
+
+    @classmethod
+    def required_for(cls, options: PassOptions) -> frozenset[Capability]:
+        """The capabilities a pass with these options needs (default: ``requires``).
+        Override when an option adds a need (an accuracy budget needs evaluation data)."""
+        return frozenset(cls.requires)
 
     @property
     def effective_tolerance(self) -> Tolerance:

@@ -86,6 +86,7 @@ class PassManager:
         input_shapes: dict[str, list[int]] | None = None,
         failure_dir: Path | None = None,
         stages_dir: Path | None = None,
+        pass_outputs_dir: Path | None = None,
         reproducer_recipe: Callable[[ScheduledPass], dict[str, Any]] | None = None,
     ) -> None:
         self.passes = passes
@@ -95,6 +96,7 @@ class PassManager:
         self.input_shapes = input_shapes
         self.failure_dir = failure_dir
         self.stages_dir = stages_dir
+        self.pass_outputs_dir = pass_outputs_dir
         self.reproducer_recipe = reproducer_recipe
         self.records: list[dict[str, Any]] = []
 
@@ -152,7 +154,7 @@ class PassManager:
             ) from exc
 
         missing = sorted(
-            getattr(r, "value", str(r)) for r in p.requires
+            getattr(r, "value", str(r)) for r in p.required_for(p.options)
             if getattr(r, "value", r) not in {getattr(c, "value", c) for c in ctx.capabilities}
         )
         if missing:
@@ -160,6 +162,10 @@ class PassManager:
                 item, PreconditionError(f"needs {', '.join(missing)}", **common), before, ctx
             )
 
+        ctx.output_dir = None
+        if self.pass_outputs_dir is not None:
+            ctx.output_dir = self.pass_outputs_dir / f"{item.position:02d}-{p.name}"
+            ctx.output_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         try:
             result = p(before.copy(), ctx)
@@ -170,6 +176,16 @@ class PassManager:
             err.__cause__ = exc
             raise self._fail(item, err, before, ctx) from exc
         seconds = time.perf_counter() - start
+        published: list[str] = []
+        if ctx.output_dir is not None and self.pass_outputs_dir is not None:
+            root = self.pass_outputs_dir.parent
+            published = sorted(
+                f.relative_to(root).as_posix() for f in ctx.output_dir.rglob("*") if f.is_file()
+            )
+            if not published:  # keep the output folder free of empty folders
+                ctx.output_dir.rmdir()
+                if not any(self.pass_outputs_dir.iterdir()):
+                    self.pass_outputs_dir.rmdir()
         if not isinstance(result, PassResult):
             raise self._fail(
                 item,
@@ -215,6 +231,7 @@ class PassManager:
             "max_abs_diff": diff,
             "tolerance": tolerance.describe(),
             "stats": _jsonable(result.stats),
+            "files": published,
             "metric": None,
         }
         if self.evaluate is not None:

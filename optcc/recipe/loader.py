@@ -377,7 +377,7 @@ def _plan_passes(plan: Plan, located: _Located, registry: Any) -> None:
             raise _pydantic_error(
                 exc, located, (*loc, name), cls.Options, f"pass '{name}'"
             ) from exc
-        needs = {getattr(r, "value", r) for r in cls.requires}
+        needs = {getattr(r, "value", r) for r in cls.required_for(validated)}
         if needs:
             caps = caps if caps is not None else available_capabilities(plan)
             missing = sorted(needs - caps)

@@ -182,8 +182,22 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
             for key, value in (rec.get("stats") or {}).items():
                 if key != "layers":
                     out.append(f"- {key}: `{json.dumps(value, default=str)[:300]}`")
+            for file in rec.get("files") or []:
+                out.append(f"- file: [{file}]({file})")
+            rows = (rec.get("stats") or {}).get("layers")
+            if isinstance(rows, list) and rows and isinstance(rows[0], dict):
+                headers = list(rows[0])
+                out += ["", _md_table(headers, [[_cell(row.get(h)) for h in headers] for row in rows])]
             out.append("")
     return "\n".join(out)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def write_reports(report: dict[str, Any], folder: Path) -> None:

@@ -1,0 +1,238 @@
+"""Q/DQ placement: which layers run in INT8 and how the nodes are written per target.
+
+One calibration serves two formats:
+
+- **tensorrt**: signed int8, symmetric, zero point exactly 0. Activations are per-tensor
+  (scale ``t / 127``); weights are per-channel on the output-channel axis (Conv axis 0,
+  Gemm axis 0 with ``transB=1`` else 1, MatMul the last axis) with scale ``max|W_c| / 127``.
+  Q/DQ goes on the *inputs* of the selected layers, never on their outputs. One Q/DQ pair
+  per tensor is shared by all its quantized readers. A residual ``Add`` that reads the
+  output of a quantized layer gets Q/DQ on its other inputs too, so TensorRT can fuse
+  conv + add and keep the sum in INT8.
+- **onnxruntime**: unsigned 8-bit asymmetric activations and signed per-channel weights,
+  the only pair ONNX Runtime's x86 kernels run fast (FACTS.md: 3.2× vs none for signed).
+  Nodes are placed by ONNX Runtime's own QDQ quantizer, so its fusions (QLinearConv,
+  QLinearMatMul, Relu removal) match; optcc supplies the ranges from its own calibration
+  and decides which layers to quantize.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from optcc import Model, constant_weight
+
+from .calibrate import Calibration
+
+FORMATS = ("tensorrt", "onnxruntime")
+ACTIVATION_OPS = ("Relu", "Clip")
+
+
+@dataclass
+class Layer:
+    """A weighted layer that may be quantized."""
+
+    name: str
+    op: str
+    weight: str
+    activation: str
+    axis: int
+    skip_reason: str | None = None
+
+
+def _matmul_weight_second(node: gs.Node) -> bool:
+    return constant_weight(node) is not None and isinstance(node.inputs[1], gs.Constant)
+
+
+def candidate_layers(
+    model: Model, op_types: list[str], exclude: list[str], min_channels: int
+) -> list[Layer]:
+    """Every weighted layer of the chosen op types, with a reason when it is skipped."""
+    layers = []
+    for node in model.graph.nodes:
+        if node.op not in op_types:
+            continue
+        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        if not isinstance(weight, gs.Constant):
+            if node.op == "MatMul" and isinstance(node.inputs[0], gs.Constant):
+                layers.append(Layer(node.name, node.op, node.inputs[0].name, node.inputs[1].name,
+                                    0, "weight is the first MatMul operand"))
+            continue  # activation x activation MatMul (attention): not a weighted layer
+        w = np.asarray(weight.values)
+        if node.op == "Conv":
+            axis = 0
+            groups = int(node.attrs.get("group", 1))
+            out_ch, in_ch = w.shape[0], w.shape[1] * groups
+        elif node.op == "Gemm":
+            axis = 0 if int(node.attrs.get("transB", 0)) else 1
+            out_ch, in_ch = w.shape[axis], w.shape[1 - axis]
+        else:  # MatMul x @ W
+            if w.ndim < 2:
+                continue
+            axis = w.ndim - 1
+            out_ch, in_ch = w.shape[-1], w.shape[-2]
+        layer = Layer(node.name, node.op, weight.name, node.inputs[0].name, axis)
+        if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
+            layer.skip_reason = "Gemm with transA"
+        elif any(fnmatch.fnmatchcase(node.name, p) or fnmatch.fnmatchcase(node.op, p) for p in exclude):
+            layer.skip_reason = "excluded by the recipe"
+        elif out_ch < min_channels or in_ch < min_channels:
+            layer.skip_reason = (
+                f"too small for INT8 to pay off ({in_ch} in, {out_ch} out < {min_channels})"
+            )
+        if w.dtype != np.float32 and layer.skip_reason is None:
+            layer.skip_reason = f"weight is {w.dtype.name}, not float32"
+        layers.append(layer)
+    return layers
+
+
+def _scalar(name: str, value: Any, dtype: Any) -> gs.Constant:
+    return gs.Constant(name, np.array(value, dtype=dtype))
+
+
+def quantize_tensorrt(model: Model, layers: list[Layer], calib: Calibration) -> Model:
+    """Insert TensorRT-style Q/DQ for ``layers`` (modifies and returns ``model``)."""
+    graph = model.graph
+    tensors = graph.tensors()
+    nodes = {n.name: n for n in graph.nodes}
+    dq_of: dict[str, gs.Variable] = {}
+    weight_dq: dict[str, gs.Variable] = {}
+
+    def activation_dq(tensor: gs.Tensor) -> gs.Variable | None:
+        if tensor.name in dq_of:
+            return dq_of[tensor.name]
+        if tensor.name not in calib.thresholds:
+            return None
+        scale = max(calib.thresholds[tensor.name], 1e-8) / 127.0
+        s = _scalar(f"{tensor.name}_scale", scale, np.float32)
+        zp = _scalar(f"{tensor.name}_zero_point", 0, np.int8)
+        q = gs.Variable(f"{tensor.name}_quantized", dtype=np.int8, shape=tensor.shape)
+        dq = gs.Variable(f"{tensor.name}_dequantized", dtype=np.float32, shape=tensor.shape)
+        graph.nodes.append(gs.Node("QuantizeLinear", f"{tensor.name}_Q", inputs=[tensor, s, zp], outputs=[q]))
+        graph.nodes.append(gs.Node("DequantizeLinear", f"{tensor.name}_DQ", inputs=[q, s, zp], outputs=[dq]))
+        dq_of[tensor.name] = dq
+        return dq
+
+    quantized_outputs = set()
+    for layer in layers:
+        node = nodes[layer.name]
+        data_index = 0
+        dq = activation_dq(node.inputs[data_index])
+        if dq is None:
+            continue
+        node.inputs[data_index] = dq
+        weight = node.inputs[1]
+        if weight.name not in weight_dq:
+            w = np.asarray(weight.values, dtype=np.float32)
+            reduce_axes = tuple(i for i in range(w.ndim) if i != layer.axis)
+            amax = np.max(np.abs(w), axis=reduce_axes)
+            scale = np.maximum(amax, 1e-12) / 127.0
+            shape = [1] * w.ndim
+            shape[layer.axis] = -1
+            wq = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+            wq_c = gs.Constant(f"{weight.name}_int8", wq)
+            s = gs.Constant(f"{weight.name}_scale", scale.astype(np.float32))
+            zp = gs.Constant(f"{weight.name}_zero_point", np.zeros(scale.shape, np.int8))
+            out = gs.Variable(f"{weight.name}_dequantized", dtype=np.float32, shape=list(w.shape))
+            graph.nodes.append(gs.Node("DequantizeLinear", f"{weight.name}_DQ",
+                                       attrs={"axis": layer.axis}, inputs=[wq_c, s, zp], outputs=[out]))
+            weight_dq[weight.name] = out
+        node.inputs[1] = weight_dq[weight.name]
+        quantized_outputs.add(node.outputs[0].name)
+
+    # Residual adds: quantize the other input so conv + add fuses in INT8.
+    for node in list(graph.nodes):
+        if node.op != "Add" or len(node.inputs) != 2:
+            continue
+        names = [t.name for t in node.inputs]
+        if not any(n in quantized_outputs for n in names):
+            continue
+        for i, tensor in enumerate(node.inputs):
+            if tensor.name in quantized_outputs or isinstance(tensor, gs.Constant):
+                continue
+            dq = activation_dq(tensors.get(tensor.name, tensor))
+            if dq is not None:
+                node.inputs[i] = dq
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return model
+
+
+def quantize_onnxruntime(
+    model: Model,
+    proto: onnx.ModelProto,
+    layers: list[Layer],
+    excluded: list[str],
+    calib: Calibration,
+    activation_ops: list[str],
+) -> Model:
+    """ONNX Runtime's QDQ format via its quantizer, with optcc's ranges and layer choice.
+
+    ``proto`` is the model with inferred shapes; ``excluded`` names the weighted layers to
+    keep in float. Activation ops (Relu, Clip) are quantized only right after a quantized
+    layer, where ONNX Runtime folds them into the INT8 kernel.
+    """
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+    selected = {layer.name for layer in layers}
+    outputs_of_selected = {o for n in proto.graph.node if n.name in selected for o in n.output}
+    exclude = list(excluded)
+    for node in proto.graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and node.name not in selected:
+            exclude.append(node.name)
+        if node.op_type in activation_ops and node.input[0] not in outputs_of_selected:
+            exclude.append(node.name)
+    ranges = {
+        name: TensorData(
+            lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32)
+        )
+        for name in calib.thresholds
+        for lo, hi in [calib.asymmetric_range(name)]
+    }
+    quantizer = QDQQuantizer(
+        proto,
+        True,  # per-channel weights
+        False,  # no reduce_range: VNNI/AMX CPUs accumulate without saturation
+        QuantType.QInt8,
+        QuantType.QUInt8,
+        TensorsData(CalibrationMethod.MinMax, ranges),
+        None,
+        sorted(set(exclude)),
+        ["Conv", "Gemm", "MatMul", *activation_ops],
+        {},
+    )
+    quantizer.quantize_model()
+    quantizer.model.topological_sort()
+    quantized = Model.from_proto(quantizer.model.model, source=model.source)
+    quantized.meta = model.meta.copy()
+    quantized.extra_metadata = dict(model.extra_metadata)
+    return quantized
+
+
+def write_calibration_cache(path: Path, calib: Calibration, tensors: list[str]) -> None:
+    """A TensorRT-style calibration cache: a header line, then ``name: hex`` per tensor,
+    where hex is the big-endian IEEE-754 bit pattern of the float32 scale ``t / 127``."""
+    lines = [f"TRT-8600-{'Entropy' if calib.method == 'entropy' else 'MinMax'}Calibration2"]
+    for name in tensors:
+        scale = max(calib.thresholds[name], 1e-8) / 127.0
+        lines.append(f"{name}: {struct.pack('>f', scale).hex()}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def read_calibration_cache(path: Path) -> dict[str, float]:
+    """Scales by tensor name from a TensorRT-style calibration cache."""
+    scales = {}
+    for line in path.read_text().splitlines()[1:]:
+        name, _, value = line.rpartition(": ")
+        if name:
+            scales[name] = struct.unpack(">f", bytes.fromhex(value.strip()))[0]
+    return scales
