@@ -383,10 +383,18 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from optcc.plugins import get_registry
+    import importlib.metadata as md
+
+    from optcc.plugins import ENTRY_POINT_GROUP, create_registry, get_registry
     from optcc.recipe import json_schema
 
-    schema = json_schema(get_registry())
+    if args.builtin:  # optcc's own passes only (the schema committed in docs/)
+        eps = [ep for ep in md.entry_points(group=ENTRY_POINT_GROUP)
+               if ep.dist is not None and ep.dist.metadata["Name"] == "optcc"]
+        registry = create_registry(entry_points=eps)
+    else:
+        registry = get_registry()
+    schema = json_schema(registry)
     text = json.dumps(schema, indent=2, default=str) + "\n"
     if args.output:
         Path(args.output).write_text(text)
@@ -458,6 +466,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("schema", help="write the recipe JSON Schema (for editors)")
     p.add_argument("-o", "--output", help="file to write (default: stdout)")
+    p.add_argument("--builtin", action="store_true",
+                   help="optcc's own passes only, not those of other installed plugins")
     p.set_defaults(func=cmd_schema)
     return parser
 

@@ -173,12 +173,16 @@ def test_build_with_unavailable_tensorrt_fails_before_work(tmp_path: Path, capsy
 
 def test_schema_command_matches_committed_schema(tmp_path: Path, capsys) -> None:
     target = tmp_path / "schema.json"
-    code, out, _ = run(capsys, "schema", "-o", str(target))
-    assert code == 0 and json.loads(target.read_text())["title"] == "optcc recipe"
+    code, out, _ = run(capsys, "schema", "--builtin", "-o", str(target))
+    schema = json.loads(target.read_text())
+    assert code == 0 and schema["title"] == "optcc recipe"
+    assert "pass:zero-small-weights" not in schema["$defs"]  # the test plugin is not built in
     committed = REPO / "docs" / "recipe.schema.json"
-    assert json.loads(committed.read_text()) == json.loads(target.read_text()), (
-        "docs/recipe.schema.json is stale: run 'optcc schema -o docs/recipe.schema.json'"
+    assert json.loads(committed.read_text()) == schema, (
+        "docs/recipe.schema.json is stale: run 'optcc schema --builtin -o docs/recipe.schema.json'"
     )
+    code, out, _ = run(capsys, "schema")
+    assert "pass:zero-small-weights" in json.loads(out)["$defs"]  # installed plugins included
 
 
 def test_no_command_prints_help(capsys) -> None:

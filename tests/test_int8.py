@@ -200,3 +200,36 @@ def test_opset_below_13_is_reported_not_broken() -> None:
     model = Model.from_proto(conv_bn_model(opset=12))
     result = Int8QuantizePass()(model, _ctx())
     assert not result.modified and "opset 12 < 13" in result.reason
+
+
+def test_entropy_is_not_dragged_down_by_relu_zeros() -> None:
+    """Half the values of a ReLU output are exactly 0; that spike must not pull the KL cut
+    far below where the data's tail actually is."""
+    rng = np.random.default_rng(0)
+    values = np.maximum(rng.standard_normal(400_000) * 2.0, 0.0)
+    s = _hist_stats(values)
+    t_pct = choose_threshold(s, "percentile", 99.99)
+    for levels in (128, 256):
+        assert choose_threshold(s, "entropy", levels=levels) > 0.5 * t_pct
+
+
+def test_dynamic_mode_needs_no_calibration_and_quantizes_weights(folded_demo: Model, tmp_path) -> None:
+    result = Int8QuantizePass(mode="dynamic")(folded_demo.copy(), PassContext())
+    ops = {n.op for n in result.model.graph.nodes}
+    assert "ConvInteger" in ops or "DynamicQuantizeLinear" in ops
+    assert result.stats["quantized_layers"] == 7
+    x = DigitsSource(DigitsOptions(split="test", batch_size=397), inputs=IMAGE).first_batch()
+    ref = OrtRunner(folded_demo).run(x.inputs)[0]
+    assert (OrtRunner(result.model).run(x.inputs)[0].argmax(1) == ref.argmax(1)).mean() > 0.99
+    # A CPU-only format: the TensorRT lint rejects it.
+    assert any(f.rule == "unsupported-op" for f in lint_tensorrt(result.model))
+    recipe = write_recipe(tmp_path, f"version: 1\nmodel: {DEMO_MODEL}\n"
+                          "passes:\n  - quantize-int8: {mode: dynamic}\n")
+    from optcc.recipe import load_recipe
+
+    assert load_recipe(recipe).passes[0].name == "quantize-int8"  # no calibration data needed
+
+
+def test_dynamic_mode_refuses_the_tensorrt_format(folded_demo: Model) -> None:
+    with pytest.raises(ValueError, match="TensorRT needs static Q/DQ"):
+        Int8QuantizePass(mode="dynamic", format="tensorrt")(folded_demo.copy(), PassContext())

@@ -26,8 +26,10 @@ from .qdq import (
     ACTIVATION_OPS,
     Layer,
     candidate_layers,
+    quantize_dynamic,
     quantize_onnxruntime,
     quantize_tensorrt,
+    tensors_to_calibrate,
     write_calibration_cache,
 )
 
@@ -35,6 +37,12 @@ logger = logging.getLogger(__name__)
 
 
 class Int8Options(PassOptions):
+    mode: Literal["static", "dynamic"] = Field(
+        "static",
+        description="static: calibrated activation ranges (both targets). dynamic: weights "
+        "INT8 ahead of time, activation ranges computed per batch at run time by ONNX Runtime "
+        "(onnxruntime target only; needs no calibration data; best for encoders on CPU).",
+    )
     method: Literal["max", "percentile", "entropy", "mse"] = Field(
         "entropy", description="Calibration method for activation ranges."
     )
@@ -55,6 +63,11 @@ class Int8Options(PassOptions):
         default_factory=lambda: list(ACTIVATION_OPS),
         description="onnxruntime format: activations folded into the INT8 kernel when they "
         "follow a quantized layer.",
+    )
+    quantized_outputs: list[Literal["Conv", "Gemm", "MatMul"]] = Field(
+        default_factory=lambda: ["Conv"],
+        description="onnxruntime format: layer types whose outputs are quantized too (Conv: "
+        "needed for QLinearConv); MatMul/Gemm outputs stay float, which keeps encoders accurate.",
     )
     exclude: list[str] = Field(
         default_factory=list, description="Node-name or op-type patterns (fnmatch) kept in float."
@@ -107,7 +120,7 @@ class Int8QuantizePass(Pass):
 
     @classmethod
     def required_for(cls, options: Any) -> frozenset[Capability]:
-        needs = set(cls.requires)
+        needs = set(cls.requires) if options.mode == "static" else set()
         if options.max_accuracy_drop is not None:
             needs.add(Capability.EVALUATION_DATA)
         return frozenset(needs)
@@ -126,17 +139,39 @@ class Int8QuantizePass(Pass):
         if not layers:
             return PassResult(model, False, {"layers": _layer_rows(candidates, [], {})},
                               reason="no layer qualifies for INT8")
+        if opts.mode == "dynamic":
+            if fmt == "tensorrt":
+                raise ValueError(
+                    "mode: dynamic is an ONNX Runtime feature; TensorRT needs static Q/DQ "
+                    "(use mode: static, or format: onnxruntime)"
+                )
+            quantized = quantize_dynamic(model, proto, layers)
+            for layer in candidates:
+                quantized.meta.node(layer.name)["precision"] = (
+                    {"dtype": "float32", "reason": layer.skip_reason} if layer.skip_reason
+                    else {"dtype": "int8", "reason": "dynamic: weights INT8, activations per batch"}
+                )
+            return PassResult(quantized, True, {
+                "format": fmt, "mode": "dynamic", "quantized_layers": len(layers),
+                "layers": _layer_rows(candidates, [], {}),
+            })
         start = time.perf_counter()
         calib = collect(
             proto, lambda: ctx.batches("calibration"), method=opts.method, bins=opts.bins,
             percentile=opts.percentile, progress=ctx.progress,
+            tensors=tensors_to_calibrate(
+                proto, layers, fmt, opts.activation_ops, opts.quantized_outputs
+            ),
+            unsigned=fmt == "onnxruntime",
         )
         calibration_seconds = time.perf_counter() - start
 
         def quantize(selected: list[Layer]) -> Model:
             if fmt == "tensorrt":
                 return quantize_tensorrt(model.copy(), selected, calib)
-            return quantize_onnxruntime(model, proto, selected, [], calib, opts.activation_ops)
+            return quantize_onnxruntime(
+                model, proto, selected, [], calib, opts.activation_ops, opts.quantized_outputs
+            )
 
         stats: dict[str, Any] = {
             "format": fmt, "method": opts.method, "calibration_seconds": round(calibration_seconds, 3),

@@ -16,10 +16,14 @@ A threshold ``t`` on ``|x|`` is chosen per tensor by the method:
 - ``percentile``: the smallest bin edge below which ``percentile`` % of ``|x|`` falls;
 - ``entropy``: TensorRT's entropy calibration. For each candidate cut ``i`` (from 128 bins
   up), the reference distribution ``P`` is the first ``i`` bins with the tail folded into
-  the last one; ``Q`` merges the first ``i`` bins into 128 levels and spreads each level
-  back over its non-empty bins. The cut minimising ``KL(P || Q)`` wins;
-- ``mse``: the cut minimising the expected squared error of symmetric quantization with
-  step ``t / 127``: uniform rounding noise ``step² / 12`` for values below ``t`` plus the
+  the last one; ``Q`` merges the first ``i`` bins into 128 levels (256 for a one-sided
+  tensor in an unsigned format) and spreads each level back over its non-empty bins. The
+  cut minimising ``KL(P || Q)`` wins. As in NVIDIA's reference calibrator, the first bin
+  (the exact zeros a ReLU produces, often half the tensor) takes its neighbour's count:
+  otherwise that spike dominates the divergence and the cut lands far too low (measured on
+  a ResNet: 20 % of the 99.99th percentile, costing 4 points of accuracy);
+- ``mse``: the cut minimising the expected squared error of quantization with step
+  ``t / 127`` (``t / 255`` for a one-sided tensor in an unsigned format): uniform rounding noise ``step² / 12`` for values below ``t`` plus the
   clipping error ``(|x| - t)²`` above it, from the histogram's bin centres.
 
 The result per tensor is a range ``(lo, hi)``: ``(-t, t)`` for symmetric formats, and
@@ -124,11 +128,14 @@ def collect(
     percentile: float = 99.99,
     progress: Any = None,
     tensors: list[str] | None = None,
+    unsigned: bool = False,
 ) -> Calibration:
     """Run the calibration data through the model and choose a threshold per tensor.
 
     ``batches`` is a callable returning a fresh iterable of :class:`optcc.data.Batch`
     (called once per pass over the data). ``proto`` must carry inferred shapes/types.
+    ``unsigned``: the format stores activations unsigned, so a tensor that never goes below
+    zero has twice the levels.
     """
     names = tensors if tensors is not None else activation_tensors(proto)
     session = _augmented_session(proto, names)
@@ -175,11 +182,14 @@ def collect(
                 h, _ = np.histogram(x, bins=bins, range=(0.0, s.amax))
                 s.hist = h.astype(np.int64) if s.hist is None else s.hist + h
     for name, s in calib.stats.items():
-        calib.thresholds[name] = choose_threshold(s, method, percentile)
+        levels = 256 if unsigned and s.lo >= 0 else INT8_LEVELS
+        calib.thresholds[name] = choose_threshold(s, method, percentile, levels)
     return calib
 
 
-def choose_threshold(stats: TensorStats, method: str, percentile: float = 99.99) -> float:
+def choose_threshold(
+    stats: TensorStats, method: str, percentile: float = 99.99, levels: int = INT8_LEVELS
+) -> float:
     """The clipping threshold on |x| for one tensor (see the module docstring)."""
     amax = stats.amax
     if not np.isfinite(amax):
@@ -193,9 +203,9 @@ def choose_threshold(stats: TensorStats, method: str, percentile: float = 99.99)
         i = int(np.searchsorted(cdf, percentile / 100.0)) + 1
         return float(edges[min(i, len(hist))])
     if method == "entropy":
-        return float(edges[entropy_cut(hist)])
+        return float(edges[entropy_cut(hist, levels)])
     if method == "mse":
-        return float(edges[mse_cut(hist, edges)])
+        return float(edges[mse_cut(hist, edges, levels - 1)])
     raise ValueError(f"unknown calibration method {method!r}")
 
 
@@ -204,6 +214,8 @@ def entropy_cut(hist: np.ndarray, levels: int = INT8_LEVELS, max_candidates: int
     n = len(hist)
     if n <= levels:
         return n
+    hist = hist.copy()
+    hist[0] = hist[1]  # the zero spike of ReLU outputs must not drive the divergence
     stride = max(1, (n - levels) // max_candidates)
     best_kl, best_i = np.inf, n
     for i in range(levels, n + 1, stride):

