@@ -204,6 +204,7 @@ def build(
             data=sources,
             original=original,
             workdir=workdir,
+            cache_dir=out_dir.with_name(out_dir.name + ".cache"),
             progress=progress,
             evaluate=evaluator,
             seed=plan.recipe.seed,

@@ -149,6 +149,8 @@ class PassContext:
       successful build);
     - ``output_dir``: a folder for files the pass publishes with the build (a calibration
       cache, say): ``passes/NN-name/`` in the output folder;
+    - ``cache_dir``: a folder that survives failed and interrupted builds (``OUTPUT.cache/``),
+      for checkpoints a re-run can resume from;
     - ``progress``: report long loops through ``ctx.progress.track(...)``;
     - ``evaluate``: returns the recipe's metric for a model (``{"accuracy": 0.97}``);
     - ``seed``: for anything random.
@@ -160,6 +162,7 @@ class PassContext:
     stages: dict[str, Model] = field(default_factory=dict)
     workdir: Path | None = None
     output_dir: Path | None = None
+    cache_dir: Path | None = None
     progress: Progress = field(default_factory=Progress)
     evaluate: Callable[[Model], dict[str, float]] | None = None
     seed: int = 0

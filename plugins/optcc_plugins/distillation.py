@@ -1,0 +1,359 @@
+"""Knowledge distillation and BatchNorm recalibration: win back what compression cost.
+
+``distill`` fine-tunes the current ONNX model (the student) against a teacher (the original
+model, or the model after a named earlier pass) through optcc's trainable torch view, and
+writes the trained weights back into the same initializers. The loss is
+
+    L = kd_weight · T² · KL(softmax(teacher / T) ‖ softmax(student / T))
+      + label_weight · CE(student, labels)                   (when the data has labels)
+      + feature_weight · Σ MSE(student[a], teacher[b])       (for feature_mse pairs a → b)
+
+for classifier outputs (2-D); other outputs (encoder states) use MSE to the teacher instead
+of KL. Training is seeded and deterministic on CPU, shows a progress bar with the loss,
+checkpoints every epoch (an interrupted run resumes from its last epoch when re-run with the
+same model and options), honours sparsity masks, and trains Q/DQ models quantization-aware.
+Under ``torchrun`` (torch.distributed initialised) it trains with DistributedDataParallel:
+each rank takes every world_size-th batch.
+
+``recalibrate-batchnorm`` re-estimates BatchNormalization running statistics on the
+calibration data: after pruning, the surviving channels' statistics shift and accuracy can
+fall to chance before any training; this restores much of it for the cost of one pass over
+the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from optcc import Capability, Model, Pass, PassContext, PassOptions, PassResult, Tolerance, hookimpl
+
+logger = logging.getLogger(__name__)
+
+
+class DistillOptions(PassOptions):
+    teacher: str = Field(
+        "original", description="'original' (the model as loaded) or the name of an earlier pass "
+        "whose output teaches.",
+    )
+    epochs: int = Field(3, ge=1, le=10_000, description="Passes over the training data.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Optimizer.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="Learning-rate schedule over all steps."
+    )
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature T of the KD term.")
+    kd_weight: float = Field(1.0, ge=0, description="Weight of the distillation term.")
+    label_weight: float = Field(
+        0.0, ge=0, description="Weight of hard-label cross-entropy (needs labels)."
+    )
+    feature_mse: dict[str, str] = Field(
+        default_factory=dict, description="Intermediate tensors to match: student name -> teacher name."
+    )
+    feature_weight: float = Field(1.0, ge=0, description="Weight of the feature MSE terms.")
+    batchnorm: Literal["update", "frozen"] = Field(
+        "update", description="update: BatchNorm uses batch statistics while training and its "
+        "running statistics follow; frozen: running statistics stay as they are.",
+    )
+    keep_zeros: bool = Field(
+        True, description="Weights that are exactly zero stay zero (unstructured / 2:4 sparsity)."
+    )
+    shuffle_buffer: int = Field(
+        4096, ge=0, description="Samples shuffled together (seeded); 0 keeps the data order."
+    )
+    max_batches: int | None = Field(
+        None, ge=1, description="Stop each epoch after this many batches."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    resume: bool = Field(True, description="Resume an interrupted run from its last checkpoint.")
+
+
+def _device(choice: str) -> Any:
+    import torch
+
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _shuffled(batches: Iterator[Any], buffer: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Re-batch a stream with samples shuffled inside a bounded buffer (streaming-safe)."""
+    from optcc.data import Batch
+
+    if buffer <= 0:
+        yield from batches
+        return
+    pending: list[Any] = []
+    size = None
+    count = 0
+
+    def flush(items: list[Any]) -> Iterator[Any]:
+        inputs = {k: np.concatenate([b.inputs[k] for b in items]) for k in items[0].inputs}
+        labels = (np.concatenate([b.labels for b in items])
+                  if all(b.labels is not None for b in items) else None)
+        order = rng.permutation(len(next(iter(inputs.values()))))
+        n = size or len(order)
+        for start in range(0, len(order), n):
+            idx = order[start:start + n]
+            yield Batch({k: v[idx] for k, v in inputs.items()}, None if labels is None else labels[idx])
+
+    for batch in batches:
+        size = size or batch.size
+        pending.append(batch)
+        count += batch.size
+        if count >= buffer:
+            yield from flush(pending)
+            pending, count = [], 0
+    if pending:
+        yield from flush(pending)
+
+
+def checkpoint_key(student: Model, teacher: Model, options: dict[str, Any]) -> str:
+    digest = hashlib.sha256()
+    for m in (student, teacher):
+        for t in sorted(m.graph.tensors().values(), key=lambda t: t.name):
+            if hasattr(t, "values"):
+                digest.update(t.name.encode())
+                digest.update(np.ascontiguousarray(t.values).tobytes())
+    digest.update(json.dumps(options, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def train_distill(
+    student_model: Model,
+    teacher_model: Model,
+    batches: Callable[[], Iterator[Any]],
+    options: DistillOptions,
+    *,
+    seed: int = 0,
+    progress: Any = None,
+    checkpoint: Path | None = None,
+) -> tuple[Model, dict[str, Any]]:
+    """The training loop (also used directly under torchrun). Returns the trained model
+    and statistics: loss per epoch, seconds, device, resumed epoch, world size."""
+    import torch
+    import torch.nn.functional as F
+
+    from optcc.torchview import GraphModule
+
+    torch.manual_seed(seed)
+    device = _device(options.device)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    world = torch.distributed.get_world_size() if distributed else 1
+    student = GraphModule(student_model, keep_zeros=options.keep_zeros,
+                          update_batchnorm=options.batchnorm == "update").to(device)
+    teacher = GraphModule(teacher_model).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    model: Any = student
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(student)
+    params = [p for p in student.parameters() if p.requires_grad]
+    if options.optimizer == "sgd":
+        opt: Any = torch.optim.SGD(params, lr=options.learning_rate, momentum=options.momentum,
+                                   weight_decay=options.weight_decay)
+    elif options.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=options.learning_rate, weight_decay=options.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=options.weight_decay)
+    steps_per_epoch = sum(1 for _ in batches())
+    if options.max_batches:
+        steps_per_epoch = min(steps_per_epoch, options.max_batches)
+    steps_per_epoch = max(1, steps_per_epoch // world)
+    total = steps_per_epoch * options.epochs
+
+    def lr_at(step: int) -> float:
+        if options.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    start_epoch, history = 0, []
+    if checkpoint is not None and options.resume and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"], state["history"]
+        torch.set_rng_state(state["torch_rng"])
+        logger.info("distill: resumed from epoch %d (%s)", start_epoch, checkpoint)
+    student.apply_masks()
+    out_names = student.output_names
+    student_features = list(options.feature_mse)
+    teacher_features = [options.feature_mse[k] for k in student_features]
+    started = time.perf_counter()
+    for epoch in range(start_epoch, options.epochs):
+        rng = np.random.default_rng([seed, epoch])
+        student.train()
+        total_loss, seen = 0.0, 0
+        last = f" (last loss {history[-1]:.4f})" if history else ""
+        stream = _shuffled(batches(), options.shuffle_buffer, rng)
+        if progress is not None:
+            stream = progress.track(stream, description=f"distill: epoch {epoch + 1}/{options.epochs}{last}",
+                                    total=steps_per_epoch * world)
+        for i, batch in enumerate(stream):
+            if options.max_batches and i >= options.max_batches:
+                break
+            if i >= steps_per_epoch * world:
+                break
+            if i % world != rank:
+                continue
+            feeds = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in batch.inputs.items()}
+            with torch.no_grad():
+                t_out = teacher.run(dict(feeds), out_names[:1] + teacher_features)
+            env = dict(feeds)
+            if distributed:  # DDP needs its forward to run for gradient synchronisation
+                s_first = model(**feeds)[0]
+                s_out = [s_first] + (student.run(env, student_features) if student_features else [])
+            else:
+                s_out = student.run(env, out_names[:1] + student_features)
+            s_logits, t_logits = s_out[0], t_out[0]
+            loss = torch.zeros((), device=device)
+            if s_logits.ndim == 2 and options.kd_weight:
+                temp = options.temperature
+                loss = loss + options.kd_weight * temp * temp * F.kl_div(
+                    F.log_softmax(s_logits / temp, dim=1), F.softmax(t_logits / temp, dim=1),
+                    reduction="batchmean")
+            elif options.kd_weight:
+                loss = loss + options.kd_weight * F.mse_loss(s_logits, t_logits)
+            if options.label_weight and batch.labels is not None and s_logits.ndim == 2:
+                labels = torch.from_numpy(np.asarray(batch.labels)).long().to(device)
+                loss = loss + options.label_weight * F.cross_entropy(s_logits, labels)
+            for s_f, t_f in zip(s_out[1:], t_out[1:], strict=True):
+                loss = loss + options.feature_weight * F.mse_loss(s_f, t_f)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            student.mask_gradients()
+            opt.step()
+            sched.step()
+            student.apply_masks()
+            total_loss += float(loss.detach()) * batch.size
+            seen += batch.size
+        history.append(total_loss / max(seen, 1))
+        if checkpoint is not None and rank == 0:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save({"epoch": epoch + 1, "history": history, "model": student.state_dict(),
+                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "torch_rng": torch.get_rng_state()}, tmp)
+            os.replace(tmp, checkpoint)
+    trained = student.to("cpu").write_back()
+    return trained, {
+        "loss_per_epoch": history, "seconds": round(time.perf_counter() - started, 3),
+        "device": str(device), "resumed_from_epoch": start_epoch, "world_size": world,
+        "steps_per_epoch": steps_per_epoch,
+    }
+
+
+class DistillPass(Pass):
+    """Fine-tune the compressed model against the teacher (see the module docstring)."""
+
+    name = "distill"
+    summary = "Knowledge-distillation fine-tune of the ONNX model against the original."
+    Options = DistillOptions
+    requires = frozenset({Capability.TRAINING_DATA, Capability.TORCH})
+    tolerance = Tolerance.lossy()
+
+    @classmethod
+    def required_for(cls, options: Any) -> frozenset[Capability]:
+        needs = set(cls.requires)
+        if options.device == "cuda":
+            needs.add(Capability.CUDA)
+        return frozenset(needs)
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        opts: Any = self.options
+        if opts.teacher == "original":
+            teacher = ctx.original
+        else:
+            teacher = ctx.stages.get(opts.teacher)
+            if teacher is None:
+                raise ValueError(f"teacher '{opts.teacher}' is not an earlier pass "
+                                 f"(earlier passes: {', '.join(ctx.stages) or 'none'})")
+        if teacher is None:
+            teacher = model
+        options = opts.model_dump(mode="json")
+        checkpoint = None
+        if ctx.cache_dir is not None:
+            key = checkpoint_key(model, teacher, {**options, "seed": ctx.seed})
+            checkpoint = ctx.cache_dir / f"distill-{key}.pt"
+        trained, stats = train_distill(
+            model, teacher, lambda: ctx.batches("training"), opts, seed=ctx.seed,
+            progress=ctx.progress, checkpoint=checkpoint,
+        )
+        if checkpoint is not None and checkpoint.exists():
+            checkpoint.unlink()  # finished: the checkpoint has served its purpose
+        trained.source = model.source
+        return PassResult(trained, True, stats)
+
+
+class RecalibrateBatchNormOptions(PassOptions):
+    pass
+
+
+class RecalibrateBatchNormPass(Pass):
+    """Re-estimate every BatchNormalization's running mean and variance on the calibration
+    data: the exact per-channel mean and (biased) variance of its input over all samples and
+    positions, accumulated batch by batch (sums of x and x², so memory stays bounded)."""
+
+    name = "recalibrate-batchnorm"
+    summary = "Recompute BatchNorm running statistics on calibration data (cheap accuracy rescue)."
+    Options = RecalibrateBatchNormOptions
+    requires = frozenset({Capability.CALIBRATION_DATA})
+    tolerance = Tolerance.lossy()
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        import onnx_graphsurgeon as gs
+
+        from optcc.runtime import OrtRunner
+
+        bns = [n for n in model.graph.nodes if n.op == "BatchNormalization"
+               and all(isinstance(t, gs.Constant) for t in n.inputs[1:5])]
+        if not bns:
+            return PassResult(model, False, reason="no BatchNormalization with constant statistics "
+                              "(fold-batchnorm already ran? recalibrate before folding)")
+        probe = model.copy()
+        tensors = probe.tensor_map()
+        names = list(dict.fromkeys(bn.inputs[0].name for bn in bns))
+        for name in names:
+            tensors[name].dtype = tensors[name].dtype or np.float32
+        probe.graph.outputs = list(probe.graph.outputs) + [tensors[n] for n in names]
+        runner = OrtRunner(probe, optimization="disable")
+        sums: dict[str, np.ndarray] = {}
+        squares: dict[str, np.ndarray] = {}
+        counts: dict[str, int] = {}
+        for batch in ctx.progress.track(ctx.batches("calibration"), description="recalibrating BatchNorm"):
+            outs = dict(zip(runner.output_names, runner.run(batch.inputs), strict=True))
+            for name in names:
+                x = np.moveaxis(outs[name].astype(np.float64), 1, 0).reshape(outs[name].shape[1], -1)
+                sums[name] = sums.get(name, 0) + x.sum(axis=1)
+                squares[name] = squares.get(name, 0) + (x * x).sum(axis=1)
+                counts[name] = counts.get(name, 0) + x.shape[1]
+        shifts = {}
+        for bn in bns:
+            name = bn.inputs[0].name
+            mean = sums[name] / counts[name]
+            var = np.maximum(squares[name] / counts[name] - mean**2, 0.0)
+            old_mean = np.asarray(bn.inputs[3].values)
+            shifts[bn.name] = float(np.abs(mean - old_mean).mean())
+            bn.inputs[3] = gs.Constant(f"{bn.inputs[3].name}_recalibrated", mean.astype(old_mean.dtype))
+            bn.inputs[4] = gs.Constant(f"{bn.inputs[4].name}_recalibrated", var.astype(old_mean.dtype))
+        return PassResult(model, True, {"batchnorms": len(bns), "mean_shift": shifts})
+
+
+@hookimpl
+def optcc_passes() -> list[type[Pass]]:
+    return [DistillPass, RecalibrateBatchNormPass]
