@@ -242,6 +242,17 @@ def train_distill(
             student.apply_masks()
             total_loss += float(loss.detach()) * batch.size
             seen += batch.size
+        if distributed:
+            # Running statistics are state, not gradients: DDP does not sync them, so each
+            # rank saw only its shard. Average them so every replica is identical.
+            with torch.no_grad():
+                for p in student.parameters():
+                    if not p.requires_grad:
+                        torch.distributed.all_reduce(p.data)
+                        p.data /= world
+            loss_sum = torch.tensor([total_loss, float(seen)], dtype=torch.float64)
+            torch.distributed.all_reduce(loss_sum)
+            total_loss, seen = float(loss_sum[0]), int(loss_sum[1])
         history.append(total_loss / max(seen, 1))
         if checkpoint is not None and rank == 0:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -307,7 +318,9 @@ class RecalibrateBatchNormOptions(PassOptions):
 class RecalibrateBatchNormPass(Pass):
     """Re-estimate every BatchNormalization's running mean and variance on the calibration
     data: the exact per-channel mean and (biased) variance of its input over all samples and
-    positions, accumulated batch by batch (sums of x and x², so memory stays bounded)."""
+    positions, accumulated batch by batch (sums of x and x², so memory stays bounded).
+    BatchNorms are recalibrated level by level in graph order, one pass over the data per
+    level, so each one sees inputs already normalised by its recalibrated predecessors."""
 
     name = "recalibrate-batchnorm"
     summary = "Recompute BatchNorm running statistics on calibration data (cheap accuracy rescue)."
@@ -318,40 +331,69 @@ class RecalibrateBatchNormPass(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         import onnx_graphsurgeon as gs
 
-        from optcc.runtime import OrtRunner
-
         bns = [n for n in model.graph.nodes if n.op == "BatchNormalization"
                and all(isinstance(t, gs.Constant) for t in n.inputs[1:5])]
         if not bns:
             return PassResult(model, False, reason="no BatchNormalization with constant statistics "
                               "(fold-batchnorm already ran? recalibrate before folding)")
+        levels = self._levels(model, bns)
+        shifts: dict[str, float] = {}
+        for depth in sorted(set(levels.values())):
+            level = [bn for bn in bns if levels[bn.name] == depth]
+            stats = self._measure(model, level, ctx, f"recalibrating BatchNorm (level {depth + 1})")
+            for bn in level:
+                mean, var = stats[bn.inputs[0].name]
+                old_mean = np.asarray(bn.inputs[3].values)
+                shifts[bn.name] = float(np.abs(mean - old_mean).mean())
+                bn.inputs[3] = gs.Constant(f"{bn.inputs[3].name}_recal_{bn.name}", mean.astype(old_mean.dtype))
+                bn.inputs[4] = gs.Constant(f"{bn.inputs[4].name}_recal_{bn.name}", var.astype(old_mean.dtype))
+        return PassResult(model, True, {"batchnorms": len(bns), "levels": len(set(levels.values())),
+                                        "mean_shift": shifts})
+
+    @staticmethod
+    def _levels(model: Model, bns: list[Any]) -> dict[str, int]:
+        """Depth of each BatchNorm in terms of BatchNorms upstream of it: a level can be
+        measured in one pass once every shallower level is recalibrated."""
+        model.graph.toposort()
+        bn_names = {bn.name for bn in bns}
+        depth_of_tensor: dict[str, int] = {}
+        levels: dict[str, int] = {}
+        for node in model.graph.nodes:
+            depth = max((depth_of_tensor.get(t.name, -1) for t in node.inputs), default=-1)
+            if node.name in bn_names:
+                levels[node.name] = depth + 1
+                depth += 1
+            for t in node.outputs:
+                depth_of_tensor[t.name] = depth
+        return levels
+
+    @staticmethod
+    def _measure(model: Model, level: list[Any], ctx: PassContext, label: str) -> dict[str, tuple[Any, Any]]:
+        """Exact per-channel mean and variance of the level's BatchNorm inputs."""
+        from optcc.runtime import OrtRunner
+
         probe = model.copy()
         tensors = probe.tensor_map()
-        names = list(dict.fromkeys(bn.inputs[0].name for bn in bns))
+        names = list(dict.fromkeys(bn.inputs[0].name for bn in level))
         for name in names:
             tensors[name].dtype = tensors[name].dtype or np.float32
         probe.graph.outputs = list(probe.graph.outputs) + [tensors[n] for n in names]
         runner = OrtRunner(probe, optimization="disable")
-        sums: dict[str, np.ndarray] = {}
-        squares: dict[str, np.ndarray] = {}
+        sums: dict[str, Any] = {}
+        squares: dict[str, Any] = {}
         counts: dict[str, int] = {}
-        for batch in ctx.progress.track(ctx.batches("calibration"), description="recalibrating BatchNorm"):
+        for batch in ctx.progress.track(ctx.batches("calibration"), description=label):
             outs = dict(zip(runner.output_names, runner.run(batch.inputs), strict=True))
             for name in names:
                 x = np.moveaxis(outs[name].astype(np.float64), 1, 0).reshape(outs[name].shape[1], -1)
                 sums[name] = sums.get(name, 0) + x.sum(axis=1)
                 squares[name] = squares.get(name, 0) + (x * x).sum(axis=1)
                 counts[name] = counts.get(name, 0) + x.shape[1]
-        shifts = {}
-        for bn in bns:
-            name = bn.inputs[0].name
-            mean = sums[name] / counts[name]
-            var = np.maximum(squares[name] / counts[name] - mean**2, 0.0)
-            old_mean = np.asarray(bn.inputs[3].values)
-            shifts[bn.name] = float(np.abs(mean - old_mean).mean())
-            bn.inputs[3] = gs.Constant(f"{bn.inputs[3].name}_recalibrated", mean.astype(old_mean.dtype))
-            bn.inputs[4] = gs.Constant(f"{bn.inputs[4].name}_recalibrated", var.astype(old_mean.dtype))
-        return PassResult(model, True, {"batchnorms": len(bns), "mean_shift": shifts})
+        return {
+            name: (sums[name] / counts[name],
+                   np.maximum(squares[name] / counts[name] - (sums[name] / counts[name]) ** 2, 0.0))
+            for name in names
+        }
 
 
 @hookimpl
