@@ -32,11 +32,9 @@ def digits(size: int = 8) -> dict[str, np.ndarray]:
     return out
 
 
-def resnet_style(path: Path, *, epochs: int = 6, seed: int = 0) -> Path:
+def resnet_style_module(*, epochs: int = 6, seed: int = 0):  # type: ignore[no-untyped-def]
     """A ResNet-18-style net (4 stages of basic blocks, 32-256 channels) trained on 16x16
-    digits, exported with the legacy exporter (BatchNorm folded by torch)."""
-    if path.exists():
-        return path
+    digits; the trained weights are cached."""
     import torch
     from torch import nn
 
@@ -66,6 +64,10 @@ def resnet_style(path: Path, *, epochs: int = 6, seed: int = 0) -> Path:
         cin = w
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10)]
     net = nn.Sequential(*layers)
+    weights = CACHE / f"resnet_style_e{epochs}_s{seed}.pt"
+    if weights.exists():
+        net.load_state_dict(torch.load(weights))
+        return net.eval()
     data = digits(16)
     x = torch.from_numpy(data["images"][data["train_index"]])
     y = torch.from_numpy(data["labels"][data["train_index"]])
@@ -78,14 +80,31 @@ def resnet_style(path: Path, *, epochs: int = 6, seed: int = 0) -> Path:
             opt.zero_grad()
             nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
             opt.step()
-    net.eval()
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), weights)
+    return net.eval()
+
+
+def export(net, path: Path, example, names=("image",), outputs=("logits",)) -> Path:  # type: ignore[no-untyped-def]
+    """Legacy export (BatchNorm folded by torch), dynamic batch."""
+    import torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, (x[:4],), str(path), dynamo=False, opset_version=17,
-                          input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(net.eval(), example, str(path), dynamo=False, opset_version=17,
+                          input_names=list(names), output_names=list(outputs),
+                          dynamic_axes={n: {0: "batch"} for n in [*names, *outputs]})
     return path
+
+
+def resnet_style(path: Path, *, epochs: int = 6, seed: int = 0) -> Path:
+    """The trained ResNet-style net as ONNX."""
+    if path.exists():
+        return path
+    import torch
+
+    return export(resnet_style_module(epochs=epochs, seed=seed), path, (torch.zeros(4, 1, 16, 16),))
 
 
 def sentences(limit: int = 512) -> list[str]:
