@@ -6,7 +6,7 @@ plain fine-tuning on hard labels, for the demo CNN with half its channels pruned
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +46,10 @@ def main() -> None:
             trained, stats = train_distill(recalibrated, teacher, train, opts, seed=0)
             rows.append({"method": name, "epochs": epochs, "accuracy": evaluate(trained)["accuracy"],
                          "seconds": stats["seconds"]})
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / "distill.json").write_text(json.dumps(rows, indent=2))
+    sys.path.insert(0, str(HERE))
+    import models
+
+    models.save_results("distill", rows)
     print("| method | epochs | test accuracy | train s |\n|---|---|---|---|")
     for r in rows:
         seconds = f"{r['seconds']:.1f}" if "seconds" in r else "–"

@@ -155,20 +155,6 @@ CASE_TOOLS = {
 }
 
 
-def latency(path: Path, feeds: dict, threads: int, runs: int = 20) -> float:
-    from optcc.runtime import OrtRunner
-
-    runner = OrtRunner(str(path), threads=threads)
-    for _ in range(3):
-        runner.run(feeds)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        runner.run(feeds)
-        times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
-
-
 def quality(path: Path, data: dict, reference: np.ndarray | None) -> float:
     from optcc.runtime import OrtRunner
 
@@ -217,7 +203,7 @@ def run_case(case: str) -> list[dict]:
         rounds: dict[str, list[float]] = {r["tool"]: [] for r in measured}
         for _ in range(3):
             for r in measured:
-                rounds[r["tool"]].append(latency(Path(r["path"]), data["latency"], threads))
+                rounds[r["tool"]].append(models.median_latency(Path(r["path"]), data["latency"], threads))
         for r in measured:
             r[f"ms_{threads}t"] = min(rounds[r["tool"]])
     return rows
@@ -248,9 +234,7 @@ def main() -> None:
         return
     cases = sys.argv[1:] or ["demo", "resnet", "minilm"]
     rows = [row for case in cases for row in run_case(case)]
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / "int8.json").write_text(json.dumps(rows, indent=2))
+    models.save_results("int8", rows)
     print(table(rows))
 
 

@@ -7,14 +7,38 @@ Everything is cached under bench/.cache (git-ignored).
 
 from __future__ import annotations
 
+import json
 import re
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 CACHE = Path(__file__).resolve().parent / ".cache"
+RESULTS = Path(__file__).resolve().parent / "results"
 DIGITS = Path(__file__).resolve().parent.parent / "optcc" / "demo" / "digits.npz"
+
+
+def save_results(name: str, rows: list[dict]) -> None:
+    """bench/results/NAME.json: the numbers behind a bench/README.md table."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2))
+
+
+def median_latency(path: Path, feeds: dict, threads: int, runs: int = 20) -> float:
+    """Median ms of ``runs`` ONNX Runtime CPU runs after 3 warm-up runs."""
+    from optcc.runtime import OrtRunner
+
+    runner = OrtRunner(str(path), threads=threads)
+    for _ in range(3):
+        runner.run(feeds)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        runner.run(feeds)
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
 
 
 def digits(size: int = 8) -> dict[str, np.ndarray]:

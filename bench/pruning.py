@@ -13,7 +13,6 @@ distillation fine-tune (optcc's `distill`, 6 epochs) for both.
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,21 +28,20 @@ OUT = models.CACHE / "pruning"
 RATIO = 0.5
 
 
-def latency(path: Path, feeds: dict, rounds: int = 3, runs: int = 20) -> float:
-    from optcc.runtime import OrtRunner
+def latency(path: Path, feeds: dict, rounds: int = 3) -> float:
+    """Best of ``rounds`` 20-run medians at 1 thread."""
+    return min(models.median_latency(path, feeds, threads=1) for _ in range(rounds))
 
-    runner = OrtRunner(str(path), threads=1)
-    best = float("inf")
-    for _ in range(rounds):
-        for _ in range(3):
-            runner.run(feeds)
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            runner.run(feeds)
-            times.append((time.perf_counter() - t) * 1e3)
-        best = min(best, float(np.median(times)))
-    return best
+
+def prune_with_optcc(original: Path, out: Path) -> tuple[Path, float]:
+    from optcc_plugins.pruning import StructuredPruningPass
+
+    from optcc.ir import Model
+
+    start = time.perf_counter()
+    pruned = StructuredPruningPass(ratio=RATIO, round_to=8)(Model.load(original)).model
+    seconds = time.perf_counter() - start
+    return pruned.save(out), seconds
 
 
 def accuracy(path_or_model, images: np.ndarray, labels: np.ndarray) -> float:
@@ -73,7 +71,6 @@ def finetune(model_path: Path, teacher_path: Path, data: dict, out: Path) -> Pat
 def resnet_case() -> list[dict]:
     import torch
     import torch_pruning as tp
-    from optcc_plugins.pruning import StructuredPruningPass
 
     from optcc.ir import Model, model_stats
 
@@ -82,10 +79,7 @@ def resnet_case() -> list[dict]:
     net = models.resnet_style_module()
     original = models.export(net, OUT / "resnet_fp32.onnx", (torch.zeros(4, 1, 16, 16),))
 
-    start = time.perf_counter()
-    pruned = StructuredPruningPass(ratio=RATIO, round_to=8)(Model.load(original)).model
-    optcc_seconds = time.perf_counter() - start
-    optcc_path = pruned.save(OUT / "resnet_optcc.onnx")
+    optcc_path, optcc_seconds = prune_with_optcc(original, OUT / "resnet_optcc.onnx")
 
     start = time.perf_counter()
     tp_net = copy.deepcopy(net)
@@ -118,7 +112,6 @@ def bert_case() -> list[dict]:
     import nets
     import torch
     import torch_pruning as tp
-    from optcc_plugins.pruning import StructuredPruningPass
 
     from optcc.evaluate import centred_cosine
     from optcc.ir import Model, model_stats
@@ -131,10 +124,7 @@ def bert_case() -> list[dict]:
     names, outs = ("input_ids", "attention_mask"), ("hidden",)
     original = models.export(net, OUT / "bert_fp32.onnx", (ids, mask), names, outs)
 
-    start = time.perf_counter()
-    pruned = StructuredPruningPass(ratio=RATIO, round_to=8)(Model.load(original)).model
-    optcc_seconds = time.perf_counter() - start
-    optcc_path = pruned.save(OUT / "bert_optcc.onnx")
+    optcc_path, optcc_seconds = prune_with_optcc(original, OUT / "bert_optcc.onnx")
 
     start = time.perf_counter()
     tp_net = copy.deepcopy(net)
@@ -190,9 +180,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     rows = resnet_case() + bert_case()
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / "pruning.json").write_text(json.dumps(rows, indent=2))
+    models.save_results("pruning", rows)
     print(table(rows))
 
 

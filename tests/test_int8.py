@@ -96,7 +96,7 @@ def test_calibration_ignores_infinite_mask_values() -> None:
 
 
 def test_onnxruntime_format_keeps_accuracy_and_uses_unsigned_activations(folded_demo: Model, tmp_path) -> None:
-    result = Int8QuantizePass()(folded_demo.copy(), _ctx(tmp_path=tmp_path))
+    result = Int8QuantizePass(min_channels=16)(folded_demo.copy(), _ctx(tmp_path=tmp_path))
     assert result.modified and result.stats["format"] == "onnxruntime"
     q = result.model
     zero_points = [np.asarray(n.inputs[2].values) for n in q.graph.nodes
@@ -143,7 +143,20 @@ def test_tensorrt_format_follows_the_rules(folded_demo: Model) -> None:
 
 
 def test_auto_format_follows_the_target(folded_demo: Model) -> None:
-    assert Int8QuantizePass()(folded_demo.copy(), _ctx("tensorrt")).stats["format"] == "tensorrt"
+    trt = Int8QuantizePass()(folded_demo.copy(), _ctx("tensorrt")).stats
+    ort = Int8QuantizePass()(folded_demo.copy(), _ctx("onnxruntime")).stats
+    assert trt["format"] == "tensorrt" and ort["format"] == "onnxruntime"
+    # The small-layer rule is TensorRT's: on ONNX Runtime even the 1-channel stem is INT8.
+    assert trt["quantized_layers"] == 7 and ort["quantized_layers"] == 9
+
+
+def test_residual_adds_stay_int8_on_onnxruntime(folded_demo: Model) -> None:
+    q = Int8QuantizePass()(folded_demo.copy(), _ctx()).model
+    adds = [n for n in q.graph.nodes if n.op == "Add"]
+    assert adds and all(
+        all(t.inputs and t.inputs[0].op == "DequantizeLinear" for t in n.inputs) for n in adds
+    ), "both inputs of every residual Add are INT8 (QLinearAdd)"
+    assert all(c.op == "QuantizeLinear" for n in adds for c in n.outputs[0].outputs)
 
 
 def test_exclude_patterns_keep_layers_in_float(folded_demo: Model) -> None:
@@ -166,13 +179,13 @@ def test_accuracy_budget_keeps_the_most_sensitive_layers_in_float(folded_demo: M
     full_drop = 1.0 - evaluation(free.model)["agreement"]
     assert full_drop > 0
     sens = {row["name"]: row["sensitivity"] for row in free.stats["layers"] if row["sensitivity"] is not None}
-    assert len(sens) == 7 and all(v > 0 for v in sens.values())
+    assert len(sens) == 9 and all(v > 0 for v in sens.values())  # every layer, stem and fc too
 
     budget = full_drop / 3
     result = Int8QuantizePass(max_accuracy_drop=budget)(folded_demo.copy(), ctx())
     assert result.modified
     kept = result.stats["kept_float"]
-    assert 1 <= kept < 7
+    assert 1 <= kept < 9
     assert 1.0 - evaluation(result.model)["agreement"] <= budget
     floated = {r["name"] for r in result.stats["layers"] if r["reason"].startswith("kept in float")}
     most_sensitive = sorted(sens, key=sens.get, reverse=True)[:kept]
@@ -217,7 +230,7 @@ def test_dynamic_mode_needs_no_calibration_and_quantizes_weights(folded_demo: Mo
     result = Int8QuantizePass(mode="dynamic")(folded_demo.copy(), PassContext())
     ops = {n.op for n in result.model.graph.nodes}
     assert "ConvInteger" in ops or "DynamicQuantizeLinear" in ops
-    assert result.stats["quantized_layers"] == 7
+    assert result.stats["quantized_layers"] == 9
     x = DigitsSource(DigitsOptions(split="test", batch_size=397), inputs=IMAGE).first_batch()
     ref = OrtRunner(folded_demo).run(x.inputs)[0]
     assert (OrtRunner(result.model).run(x.inputs)[0].argmax(1) == ref.argmax(1)).mean() > 0.99

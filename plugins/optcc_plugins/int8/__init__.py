@@ -59,10 +59,10 @@ class Int8Options(PassOptions):
         default_factory=lambda: ["Conv", "Gemm", "MatMul"],
         description="Weighted op types to quantize.",
     )
-    activation_ops: list[Literal["Relu", "Clip"]] = Field(
+    activation_ops: list[Literal["Relu", "Clip", "Add", "GlobalAveragePool", "MaxPool", "AveragePool"]] = Field(
         default_factory=lambda: list(ACTIVATION_OPS),
-        description="onnxruntime format: activations folded into the INT8 kernel when they "
-        "follow a quantized layer.",
+        description="onnxruntime format: follow-on ops kept in INT8 where all their inputs are "
+        "INT8 already (a residual Add of two quantized branches becomes QLinearAdd).",
     )
     quantized_outputs: list[Literal["Conv", "Gemm", "MatMul"]] = Field(
         default_factory=lambda: ["Conv"],
@@ -72,8 +72,11 @@ class Int8Options(PassOptions):
     exclude: list[str] = Field(
         default_factory=list, description="Node-name or op-type patterns (fnmatch) kept in float."
     )
-    min_channels: int = Field(
-        16, ge=1, description="Layers with fewer input or output channels stay in float."
+    min_channels: int | None = Field(
+        None, ge=1,
+        description="Layers with fewer input or output channels stay in float. Default: 16 for "
+        "the tensorrt format (TensorRT runs tiny layers faster in float), 1 for onnxruntime "
+        "(its INT8 kernels gain even on small layers).",
     )
     max_accuracy_drop: float | None = Field(
         None,
@@ -134,7 +137,8 @@ class Int8QuantizePass(Pass):
             return PassResult(model, False, reason=f"opset {model.opset} < 13: per-channel "
                               "Q/DQ needs opset 13 or newer; re-export the model")
         proto = verify_model(model)
-        candidates = candidate_layers(model, opts.op_types, opts.exclude, opts.min_channels)
+        min_channels = opts.min_channels or (16 if fmt == "tensorrt" else 1)
+        candidates = candidate_layers(model, opts.op_types, opts.exclude, min_channels)
         layers = [c for c in candidates if c.skip_reason is None]
         if not layers:
             return PassResult(model, False, {"layers": _layer_rows(candidates, [], {})},

@@ -33,7 +33,7 @@ from optcc import Model, constant_weight
 from .calibrate import Calibration
 
 FORMATS = ("tensorrt", "onnxruntime")
-ACTIVATION_OPS = ("Relu", "Clip")
+ACTIVATION_OPS = ("Relu", "Clip", "Add", "GlobalAveragePool", "MaxPool", "AveragePool")
 
 
 @dataclass
@@ -94,6 +94,35 @@ def candidate_layers(
     return layers
 
 
+def int8_followers(
+    proto: onnx.ModelProto, layers: list[Layer], activation_ops: list[str],
+    quantized_outputs: list[str],
+) -> tuple[list[str], list[str]]:
+    """onnxruntime format: the follow-on ops to quantize, and every tensor that is INT8.
+
+    A follow-on op (Relu, Clip, Add, pooling) is quantized only when *all* its non-constant
+    inputs are already INT8 tensors: a residual ``Add`` of two quantized branches becomes
+    QLinearAdd, while an Add with a float input (an attention mask, a residual stream before
+    LayerNorm) stays float. Walks the graph in order, so chains (Conv → Add → Relu → pool)
+    stay INT8 end to end.
+    """
+    selected = {layer.name for layer in layers}
+    initializers = {t.name for t in proto.graph.initializer}
+    int8: set[str] = set()
+    followers: list[str] = []
+    for node in proto.graph.node:  # ONNX graphs are stored in topological order
+        if node.name in selected and node.op_type in quantized_outputs:
+            int8.update(node.output)
+        elif node.op_type in activation_ops:
+            data = [i for i in node.input if i and i not in initializers]
+            if node.op_type == "Clip":
+                data = data[:1]
+            if data and all(i in int8 for i in data):
+                followers.append(node.name)
+                int8.update(node.output)
+    return followers, sorted(int8)
+
+
 def tensors_to_calibrate(
     proto: onnx.ModelProto, layers: list[Layer], fmt: str, activation_ops: list[str],
     quantized_outputs: list[str],
@@ -101,21 +130,18 @@ def tensors_to_calibrate(
     """The activations a format quantizes, so calibration touches nothing else.
 
     tensorrt: the data inputs of the layers plus the other inputs of residual Adds that read
-    a layer's output. onnxruntime: the data inputs, the outputs of layers whose op type is
-    in ``quantized_outputs``, and the inputs/outputs of activation ops right after a layer.
+    a layer's output. onnxruntime: the data inputs plus every INT8 tensor of
+    :func:`int8_followers` (quantized layer outputs and the follow-on ops' outputs).
     """
     selected = {layer.name for layer in layers}
     layer_outputs = {o for n in proto.graph.node if n.name in selected for o in n.output}
     initializers = {t.name for t in proto.graph.initializer}
     wanted = [layer.activation for layer in layers]
+    if fmt == "onnxruntime":
+        wanted += int8_followers(proto, layers, activation_ops, quantized_outputs)[1]
     for node in proto.graph.node:
         if fmt == "tensorrt" and node.op_type == "Add" and any(i in layer_outputs for i in node.input):
             wanted += [i for i in node.input if i not in layer_outputs and i not in initializers]
-        if fmt == "onnxruntime":
-            if node.name in selected and node.op_type in quantized_outputs:
-                wanted += list(node.output)
-            if node.op_type in activation_ops and node.input[0] in layer_outputs:
-                wanted += [node.input[0], *node.output]
     return list(dict.fromkeys(wanted))
 
 
@@ -202,8 +228,8 @@ def quantize_onnxruntime(
     """ONNX Runtime's QDQ format via its quantizer, with optcc's ranges and layer choice.
 
     ``proto`` is the model with inferred shapes; ``excluded`` names the weighted layers to
-    keep in float. Activation ops (Relu, Clip) are quantized only right after a quantized
-    layer, where ONNX Runtime folds them into the INT8 kernel. Outputs are quantized only
+    keep in float. Follow-on ops (Relu, Clip, Add, pooling) are quantized only where all
+    their inputs are already INT8 (:func:`int8_followers`). Outputs are quantized only
     for the op types in ``quantized_outputs`` (Conv by default: QLinearConv needs it); a
     MatMul/Gemm output left in float still runs as an integer matmul
     (MatMulIntegerToFloat) and keeps encoders accurate (FACTS.md: 0.94 → 0.98 cosine).
@@ -213,12 +239,12 @@ def quantize_onnxruntime(
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
     selected = {layer.name for layer in layers}
-    outputs_of_selected = {o for n in proto.graph.node if n.name in selected for o in n.output}
+    followers = set(int8_followers(proto, layers, activation_ops, quantized_outputs)[0])
     exclude = list(excluded)
     for node in proto.graph.node:
         if node.op_type in ("Conv", "Gemm", "MatMul") and node.name not in selected:
             exclude.append(node.name)
-        if node.op_type in activation_ops and node.input[0] not in outputs_of_selected:
+        if node.op_type in activation_ops and node.name not in followers:
             exclude.append(node.name)
     ranges = {
         name: TensorData(
