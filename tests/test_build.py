@@ -255,3 +255,58 @@ def test_pass_error_from_plugin_is_user_facing(tmp_path: Path, demo_copy: Path) 
     with pytest.raises(PassError) as info:
         build(write_recipe(tmp_path, recipe_text(demo_copy, "  - boom\n")), registry=registry)
     assert str(info.value) == "pass #1 'boom' (plugin 'acme-plugin'): raised ValueError: bad axis"
+
+
+class _InterruptInEpoch:
+    """Progress that presses Ctrl-C when distillation's second epoch starts."""
+
+    def track(self, iterable, *, description, total=None):
+        if description.startswith("distill: epoch 2/"):
+            raise KeyboardInterrupt
+        yield from iterable
+
+    def status(self, message):
+        pass
+
+
+def test_interrupted_distillation_resumes_on_the_next_build(tmp_path: Path, demo_copy: Path) -> None:
+    pytest.importorskip("torch")
+    text = recipe_text(demo_copy, "  - prune-channels: {ratio: 0.5}\n  - distill: {epochs: 3}\n").replace(
+        "data:\n", "data:\n  training: {source: digits, split: train, batch_size: 64, limit: 256}\n")
+    recipe = write_recipe(tmp_path, text)
+    with pytest.raises(BuildInterrupted):
+        build(recipe, progress=_InterruptInEpoch())
+    assert not (tmp_path / "out").exists()
+    checkpoints = list((tmp_path / "out.cache").glob("distill-*.pt"))
+    assert len(checkpoints) == 1  # epoch 1 survived the interrupt
+    report = build(recipe).report
+    stats = report["passes"][1]["stats"]
+    assert stats["resumed_from_epoch"] == 1 and len(stats["loss_per_epoch"]) == 3
+    assert not list((tmp_path / "out.cache").glob("distill-*.pt"))  # cleaned up when done
+
+
+def test_evaluate_final_only(tmp_path: Path, demo_copy: Path) -> None:
+    text = recipe_text(demo_copy, "  - fold-batchnorm\n  - eliminate-dead-nodes\n").replace(
+        "passes:", "evaluate: final\npasses:")
+    report = build(write_recipe(tmp_path, text)).report
+    assert [p["metric"] for p in report["passes"]] == [None, None]
+    assert report["final"]["metric"]["accuracy"] == report["original"]["metric"]["accuracy"]
+
+
+def test_backend_options_and_verification_source(tmp_path: Path, demo_copy: Path) -> None:
+    text = recipe_text(demo_copy).replace(
+        "target: {backend: onnxruntime, threads: 1, runs: 3, warmup: 1}",
+        "target: {backend: onnxruntime, threads: 1, runs: 3, warmup: 1, save_optimized: true, batch_size: 32}",
+    ).replace("data:\n", "data:\n  calibration: {source: digits, split: train, limit: 64}\n").replace(
+        "passes:", "verification: {source: calibration, batch_size: 4}\npasses:")
+    report = build(write_recipe(tmp_path, text)).report
+    assert report["verification"] == {"batch_size": 4, "data": "calibration"}
+    assert "model.ort-optimized.onnx" in report["final"]["artifact"]["files"]
+    assert (tmp_path / "out" / "model.ort-optimized.onnx").exists()
+    assert report["final"]["latency"]["batch_size"] == 32
+
+
+def test_verification_source_missing_is_a_clear_error(tmp_path: Path, demo_copy: Path) -> None:
+    text = recipe_text(demo_copy).replace("passes:", "verification: {source: training}\npasses:")
+    with pytest.raises(DataError, match="verification.source is 'training', but the recipe has no data.training"):
+        build(write_recipe(tmp_path, text))

@@ -194,3 +194,18 @@ def test_nothing_prunable_is_a_reason_not_an_error() -> None:
     result = StructuredPruningPass(ratio=0.5)(model)
     assert not result.modified
     assert "nothing to prune" in result.reason or result.stats["groups"]
+
+
+def test_global_scope_prunes_layers_unevenly() -> None:
+    model = FoldBatchNormPass()(Model.load(DEMO_MODEL)).model
+    result = StructuredPruningPass(ratio=0.5, scope="global", round_to=1, min_channels=1)(model.copy())
+    groups = result.stats["groups"]
+    kept = [g["units_after"] / g["units_before"] for g in groups]
+    removed = sum(g["units_before"] - g["units_after"] for g in groups)
+    total = sum(g["units_before"] for g in groups)
+    assert removed == int(0.5 * total)  # the global budget is exact with round_to 1
+    assert max(kept) - min(kept) > 0.1  # ...and spread unevenly across groups
+    reference = zeroed_reference(model, StructuredPruningPass(ratio=0.5, scope="global", round_to=1, min_channels=1))
+    feeds = _feeds(model)
+    np.testing.assert_allclose(OrtRunner(result.model).run(feeds)[0], OrtRunner(reference).run(feeds)[0],
+                               rtol=1e-4, atol=1e-4)
