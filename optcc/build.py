@@ -22,7 +22,7 @@ import numpy as np
 
 from optcc import __version__
 from optcc.data.base import DataSource, InputSpec
-from optcc.errors import BuildInterrupted, DataError, OptccError, PassError
+from optcc.errors import BuildInterrupted, DataError, OptccError, PassError, RecipeError
 from optcc.frontend import load_model
 from optcc.ir.model import Model
 from optcc.ir.stats import model_stats
@@ -109,6 +109,20 @@ def _absolute_data(plan: Plan) -> dict[str, Any]:
     return data
 
 
+def _check_output_does_not_hold_inputs(plan: Plan, out_dir: Path) -> None:
+    """Publishing replaces the output folder: it must not contain the model or the recipe."""
+    inputs = [plan.file.resolve()]
+    if plan.recipe.model.path:
+        inputs.append(plan.resolve(plan.recipe.model.path).resolve())
+    for path in inputs:
+        if path == out_dir or out_dir in path.parents:
+            raise RecipeError(
+                f"the output folder {out_dir} contains the input {path}; a build replaces its "
+                "output folder, so it would be lost",
+                file=plan.file, hint="choose another 'output' (or -o) outside the input's folder",
+            )
+
+
 def _reproducer_recipe(plan: Plan) -> Any:
     def make(item: ScheduledPass) -> dict[str, Any]:
         recipe: dict[str, Any] = {"version": 1, "model": "model_before.onnx"}
@@ -137,6 +151,7 @@ def build(
     progress = progress or Progress()
     out_dir = Path(output).expanduser() if output is not None else plan.output_dir
     out_dir = out_dir.resolve()
+    _check_output_does_not_hold_inputs(plan, out_dir)
 
     assert plan.backend_cls is not None
     backend = plan.backend_cls(plan.backend_options)
@@ -151,8 +166,7 @@ def build(
     for source in sources.values():
         source.first_batch()  # shape/dtype problems surface now, before any pass
     feeds, feeds_from = verification_feeds(plan, sources, specs)
-    input_shapes = {name: list(arr.shape[1:]) for name, arr in feeds.items()}
-    input_shapes = {name: [1, *dims] for name, dims in input_shapes.items()}
+    input_shapes = {name: [1, *arr.shape[1:]] for name, arr in feeds.items()}  # per sample
 
     evaluator = None
     if "evaluation" in sources and plan.recipe.evaluate != "none":

@@ -310,3 +310,17 @@ def test_verification_source_missing_is_a_clear_error(tmp_path: Path, demo_copy:
     text = recipe_text(demo_copy).replace("passes:", "verification: {source: training}\npasses:")
     with pytest.raises(DataError, match="verification.source is 'training', but the recipe has no data.training"):
         build(write_recipe(tmp_path, text))
+
+
+def test_output_folder_holding_the_input_is_refused(tmp_path: Path, demo_copy: Path) -> None:
+    from optcc.errors import RecipeError
+
+    folder = tmp_path / "work"
+    folder.mkdir()
+    model = folder / "net.onnx"
+    model.write_bytes(demo_copy.read_bytes())
+    recipe = write_recipe(tmp_path, recipe_text(model).replace("output: out", "output: work"))
+    with pytest.raises(RecipeError, match="contains the input .*net.onnx") as info:
+        build(recipe)
+    assert "choose another 'output'" in info.value.hint
+    assert model.exists() and sha256(model) == sha256(demo_copy)
