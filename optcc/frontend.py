@@ -84,8 +84,8 @@ def export_torch(
         dtype = getattr(torch, spec.get("dtype", "float32"))
         if dtype.is_floating_point:
             examples.append(torch.randn(*shape, dtype=dtype))
-        else:
-            examples.append(torch.zeros(*shape, dtype=dtype))
+        else:  # ones: valid token ids, and an attention mask that masks nothing
+            examples.append(torch.ones(*shape, dtype=dtype))
     input_names = [spec["name"] for spec in inputs]
     output_names = list(outputs or []) or None
     with tempfile.TemporaryDirectory(prefix="optcc-export-") as tmp:

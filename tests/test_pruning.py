@@ -209,3 +209,18 @@ def test_global_scope_prunes_layers_unevenly() -> None:
     feeds = _feeds(model)
     np.testing.assert_allclose(OrtRunner(result.model).run(feeds)[0], OrtRunner(reference).run(feeds)[0],
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_hugging_face_bert_heads_and_ffn(exporter: str) -> None:
+    """A real transformers BertModel graph (tiny, random): heads of Q/K/V prune together,
+    FFN neurons prune, the hidden size stays, and the result equals the zeroed original."""
+    pytest.importorskip("transformers")
+    model = _export("hf_nets:hf_bert", TOKENS, exporter)
+    pruned, stats = check_equals_zeroed(model, ratio=0.5, round_to=1, min_channels=1)
+    heads = [g for g in stats["groups"] if g["unit_channels"] == 16]
+    ffn = [g for g in stats["groups"] if g["unit_channels"] == 1]
+    assert len(heads) == 2 and all(len(g["layers"]) == 3 and g["units_after"] == 2 for g in heads)
+    assert len(ffn) == 2 and all(g["units_before"] == 128 and g["units_after"] == 64 for g in ffn)
+    out = OrtRunner(pruned).run(_feeds(model))[0]
+    assert out.shape[-1] == 64  # the encoder's interface is unchanged

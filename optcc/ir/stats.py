@@ -96,7 +96,49 @@ def _static_shapes(
         dims = vi.type.tensor_type.shape.dim
         if dims and all(d.HasField("dim_value") for d in dims):
             shapes[vi.name] = [d.dim_value for d in dims]
+    produced = {o for node in proto.graph.node for o in node.output if o}
+    if not produced <= set(shapes):
+        # Static inference gives up on some exports (e.g. HF BERT's position-id Slice):
+        # one tiny run of the model with every tensor as an output gives exact shapes.
+        shapes.update(_runtime_shapes(proto, sorted(produced - set(shapes))))
     return shapes, batch
+
+
+def _runtime_shapes(proto: onnx.ModelProto, names: list[str]) -> dict[str, list[int]]:
+    """Shapes of ``names`` from running ``proto`` (inputs already concrete) on zeros-like
+    inputs: integer inputs are 0 (valid ids), masks 1, floats random."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    del probe.graph.value_info[:]
+    existing = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in existing:
+            probe.graph.output.add().name = name
+    feeds = {}
+    rng = np.random.default_rng(0)
+    initializers = {t.name for t in proto.graph.initializer}
+    for inp in proto.graph.input:
+        if inp.name in initializers:
+            continue
+        dims = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+        if np.dtype(dtype).kind == "f":
+            feeds[inp.name] = rng.standard_normal(dims).astype(dtype)
+        elif "mask" in inp.name.lower():
+            feeds[inp.name] = np.ones(dims, dtype)
+        else:
+            feeds[inp.name] = np.zeros(dims, dtype)
+    try:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        outs = session.run(names, feeds)
+    except Exception:
+        return {}
+    return {name: list(np.asarray(v).shape) for name, v in zip(names, outs, strict=True)}
 
 
 def _layer_flops(node: gs.Node, weight: gs.Constant, shapes: dict[str, list[int]]) -> int | None:

@@ -71,6 +71,39 @@ class PruneOptions(PassOptions):
     )
 
 
+def materialize_constant_aliases(model: Model) -> int:
+    """Turn constant aliases into real constants, so every weight and bias can be sliced.
+
+    The legacy exporter deduplicates identical initializers through Identity nodes (fresh
+    zero biases of different layers become ``Identity(first_bias)``), and graphs carry
+    ``Constant`` nodes. Each reader gets its own constant. Returns how many were replaced.
+    """
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    outputs = {id(t) for t in model.graph.outputs}
+    replaced = 0
+    for node in list(model.graph.nodes):
+        if node.op == "Identity" and isinstance(node.inputs[0], gs.Constant):
+            values = np.asarray(node.inputs[0].values)
+        elif node.op == "Constant" and "value" in node.attrs:
+            values = np.asarray(node.attrs["value"].values)
+        else:
+            continue
+        out = node.outputs[0]
+        if id(out) in outputs:
+            continue
+        for reader in list(out.outputs):
+            for i, t in enumerate(reader.inputs):
+                if t is out:
+                    reader.inputs[i] = gs.Constant(f"{out.name}__{reader.name}", np.array(values))
+                    replaced += 1
+        node.outputs.clear()
+    if replaced:
+        model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return replaced
+
+
 def _shapes(model: Model) -> dict[str, list[int]]:
     """Concrete shapes for the analysis: batch 1, other dynamic dimensions 5 (a size unlikely
     to collide with real ones, so axes stay distinguishable)."""
@@ -115,6 +148,7 @@ class StructuredPruningPass(Pass):
     def plan(self, model: Model, ctx: PassContext) -> tuple[Analysis, list[Group], set[int], dict[str, str]]:
         """Analyse, rank and choose what to remove (the model is not modified)."""
         opts: Any = self.options
+        materialize_constant_aliases(model)
         analysis = analyze(model, _shapes(model))
         groups = build_groups(analysis)
         if opts.importance == "activation":
@@ -145,7 +179,7 @@ class StructuredPruningPass(Pass):
         for _ in range(12):
             mid = (lo + hi) / 2
             removed, skipped = choose(mid)
-            trial = model.copy()
+            trial = model.copy()  # already materialized by plan()
             apply_removal(trial, analyze(trial, _shapes(trial)), removed)
             value = getattr(model_stats(trial), target)
             if value is None or base in (None, 0):

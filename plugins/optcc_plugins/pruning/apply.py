@@ -181,8 +181,58 @@ def plan_removal(
     return removed, skipped
 
 
+def unshare_conflicting_constants(analysis: Analysis) -> None:
+    """Give a node its own copy of a constant that another node slices differently.
+
+    Exporters deduplicate identical initializers (freshly initialised biases are all zero),
+    so one tensor can feed layers whose channels are pruned differently. Modifies the graph
+    the analysis refers to.
+    """
+    # Readers that do not slice (a LayerNorm sharing a deduplicated zero bias) keep the
+    # original; the slicing nodes get one copy between them.
+    slicers: dict[int, set[int]] = defaultdict(set)
+    for s in analysis.slices:
+        if s.node is not None:
+            slicers[id(s.tensor)].add(id(s.node))
+    private: dict[int, gs.Constant] = {}
+    for s in analysis.slices:
+        tensor = s.tensor
+        if id(tensor) in private:
+            s.tensor = private[id(tensor)]
+            continue
+        readers = {id(n) for n in tensor.outputs}
+        if s.node is not None and readers - slicers[id(tensor)]:
+            clone = gs.Constant(f"{tensor.name}_pruned", np.array(tensor.values))
+            for other in analysis.slices:
+                if other.tensor is tensor and other.node is not None:
+                    for i, t in enumerate(other.node.inputs):
+                        if t is tensor:
+                            other.node.inputs[i] = clone
+            private[id(tensor)] = clone
+            s.tensor = clone
+    for s in analysis.slices:
+        if id(s.tensor) in private:
+            s.tensor = private[id(s.tensor)]
+    seen: dict[tuple[int, int], list[int]] = {}
+    clones: dict[tuple[int, int], gs.Constant] = {}
+    for s in analysis.slices:
+        key = (id(s.tensor), s.axis)
+        first = seen.setdefault(key, s.ids)
+        if first is s.ids or first == s.ids or s.node is None:
+            continue
+        clone_key = (id(s.tensor), id(s.node))
+        if clone_key not in clones:
+            clone = gs.Constant(f"{s.tensor.name}_for_{s.node.name}", np.array(s.tensor.values))
+            for i, t in enumerate(s.node.inputs):
+                if t is s.tensor:
+                    s.node.inputs[i] = clone
+            clones[clone_key] = clone
+        s.tensor = clones[clone_key]
+
+
 def _slice_groups(analysis: Analysis) -> dict[int, tuple[gs.Constant, dict[int, list[int]]]]:
     """Per constant (by identity): its axes and the ids along each (deduplicated)."""
+    unshare_conflicting_constants(analysis)
     out: dict[int, tuple[gs.Constant, dict[int, list[int]]]] = {}
     for s in analysis.slices:
         tensor, axes = out.setdefault(id(s.tensor), (s.tensor, {}))

@@ -38,8 +38,12 @@ UNARY = {
     "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
     "Erf", "Gelu", "Softplus", "Softsign", "Clip", "Identity", "Dropout", "Cast", "Neg", "Abs",
     "Sqrt", "Exp", "Log", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Mish", "Celu",
+    "IsInf", "IsNaN", "Not",
 }
-BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Sum", "Mean"}
+BINARY = {
+    "Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Sum", "Mean", "Where", "Equal", "Less",
+    "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or",
+}
 SPATIAL = {
     "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "Resize",
     "Upsample", "GlobalLpPool",
@@ -54,6 +58,7 @@ class ParamSlice:
     axis: int
     ids: list[int]
     role: str  # "out" (a layer's own channels), "in" (a consumer's columns), "vector"
+    node: gs.Node | None = None  # the node reading the constant (to unshare it if needed)
 
 
 @dataclass
@@ -200,9 +205,9 @@ class ChannelAnalyzer:
                 cin = wv.shape[1] * groups
                 if groups == cin and wv.shape[0] == cin and in_ids is not None:
                     # Depthwise: every channel is its own group; ids pass through.
-                    self.a.slices.append(ParamSlice(w, 0, in_ids, "vector"))
+                    self.a.slices.append(ParamSlice(w, 0, in_ids, "vector", node))
                     if isinstance(bias, gs.Constant):
-                        self.a.slices.append(ParamSlice(bias, 0, in_ids, "vector"))
+                        self.a.slices.append(ParamSlice(bias, 0, in_ids, "vector", node))
                     self.a.group_attrs.append((node, in_ids))
                     self.set_ids(node.outputs[0], {1: in_ids})
                     return
@@ -210,11 +215,11 @@ class ChannelAnalyzer:
                     self.a.block(in_ids, f"grouped Conv '{node.name}' (groups={groups})")
                 return  # output channels of a grouped conv are not pruned either
             if in_ids is not None:
-                self.a.slices.append(ParamSlice(w, 1, in_ids, "in"))
+                self.a.slices.append(ParamSlice(w, 1, in_ids, "in", node))
             out = self.a.new_ids(wv.shape[0], node.name)
-            self.a.slices.append(ParamSlice(w, 0, out, "out"))
+            self.a.slices.append(ParamSlice(w, 0, out, "out", node))
             if isinstance(bias, gs.Constant):
-                self.a.slices.append(ParamSlice(bias, 0, out, "out"))
+                self.a.slices.append(ParamSlice(bias, 0, out, "out", node))
             self.set_ids(node.outputs[0], {1: out})
             return
         if node.op == "Gemm":
@@ -225,11 +230,11 @@ class ChannelAnalyzer:
             in_axis, out_axis = (1, 0) if trans_b else (0, 1)
             in_ids = self.ids(x).get(1)
             if in_ids is not None:
-                self.a.slices.append(ParamSlice(w, in_axis, in_ids, "in"))
+                self.a.slices.append(ParamSlice(w, in_axis, in_ids, "in", node))
             out = self.a.new_ids(wv.shape[out_axis], node.name)
-            self.a.slices.append(ParamSlice(w, out_axis, out, "out"))
+            self.a.slices.append(ParamSlice(w, out_axis, out, "out", node))
             if isinstance(bias, gs.Constant) and bias.shape and bias.shape[-1] == len(out):
-                self.a.slices.append(ParamSlice(bias, len(bias.shape) - 1, out, "out"))
+                self.a.slices.append(ParamSlice(bias, len(bias.shape) - 1, out, "out", node))
             self.set_ids(node.outputs[0], {1: out})
             return
         # MatMul x @ W (W 2-D)
@@ -241,11 +246,11 @@ class ChannelAnalyzer:
         last = rank - 1
         for axis, ids in x_ids.items():
             if axis == last:
-                self.a.slices.append(ParamSlice(w, 0, ids, "in"))
+                self.a.slices.append(ParamSlice(w, 0, ids, "in", node))
             else:
                 self.a.block(ids, f"MatMul '{node.name}' reads them on a non-contracted axis")
         out = self.a.new_ids(wv.shape[1], node.name)
-        self.a.slices.append(ParamSlice(w, 1, out, "out"))
+        self.a.slices.append(ParamSlice(w, 1, out, "out", node))
         self.set_ids(node.outputs[0], {last: out})
 
     def activation_matmul(self, node: gs.Node) -> None:
@@ -270,6 +275,7 @@ class ChannelAnalyzer:
                 for x, y in zip(ca, cb, strict=True):
                     self.a.union(x, y)
         # Batch axes (aligned from the right, excluding the last two).
+        shape_a, shape_b = self.shape(a), self.shape(b)
         for k in range(out_rank - 2):
             axa, axb = k - (out_rank - ra), k - (out_rank - rb)
             ida = ia.get(axa) if axa >= 0 else None
@@ -279,7 +285,14 @@ class ChannelAnalyzer:
                     self.a.union(x, y)
                 out[k] = ida
             elif ida is not None or idb is not None:
-                out[k] = ida if ida is not None else idb  # type: ignore[assignment]
+                tracked = ida if ida is not None else idb
+                other_shape, other_axis = (shape_b, axb) if ida is not None else (shape_a, axa)
+                size = (other_shape[other_axis] if other_shape is not None and other_axis >= 0
+                        else 1 if other_axis < 0 else None)
+                if size != 1:  # the other side has these channels too, but untracked
+                    self.a.block(tracked, f"MatMul '{node.name}' pairs them with an untracked operand")
+                    continue
+                out[k] = tracked  # type: ignore[assignment]
         if ra - 2 in ia:
             out[out_rank - 2] = ia[ra - 2]
         if rb - 1 in ib:
@@ -309,7 +322,7 @@ class ChannelAnalyzer:
             return
         for p in node.inputs[1:5]:
             if isinstance(p, gs.Constant):
-                self.a.slices.append(ParamSlice(p, 0, ids, "vector"))
+                self.a.slices.append(ParamSlice(p, 0, ids, "vector", node))
             else:
                 self.a.block(ids, f"BatchNormalization '{node.name}' has non-constant parameters")
         self.set_ids(node.outputs[0], {1: ids})
@@ -324,7 +337,7 @@ class ChannelAnalyzer:
         for axis, channel in ids.items():
             caxis = axis - offset
             if 0 <= caxis < len(shape) and shape[caxis] == len(channel):
-                self.a.slices.append(ParamSlice(const, caxis, channel, "vector"))
+                self.a.slices.append(ParamSlice(const, caxis, channel, "vector", node))
             elif 0 <= caxis < len(shape) and shape[caxis] not in (1, len(channel)):
                 self.a.block(channel, f"{node.op} '{node.name}' broadcasts a constant of another size")
 
@@ -361,7 +374,7 @@ class ChannelAnalyzer:
                 if size == 1:
                     continue
                 if isinstance(t, gs.Constant) and size == len(ids):
-                    self.a.slices.append(ParamSlice(t, axis, ids, "vector"))
+                    self.a.slices.append(ParamSlice(t, axis, ids, "vector", node))
                 else:
                     self.a.block(ids, f"{node.op} '{node.name}' combines them with '{t.name}', "
                                  "which has no channel ids")
@@ -473,7 +486,48 @@ class ChannelAnalyzer:
             self.a.reshape_fixups.append((node, len(out_shape) - 1, per_head, size))
             self.set_ids(out, {len(out_shape) - 1: [h for h in per_head for _ in range(size)]})
             return
+        # Only unit axes move (batch 1 in the probe: [B, heads, S, d] <-> [B*heads, S, d]):
+        # a reindex, valid when the target size at each carried axis is implicit (-1/0,
+        # it follows the pruned tensor) or a literal that can be rewritten.
+        in_big = [i for i, d in enumerate(in_shape) if d != 1]
+        out_big = [i for i, d in enumerate(out_shape) if d != 1]
+        if [in_shape[i] for i in in_big] == [out_shape[i] for i in out_big]:
+            mapping = dict(zip(in_big, out_big, strict=True))
+            out_ids: dict[int, list[int]] = {}
+            for axis, channel in ids.items():
+                target = mapping.get(axis)
+                slot = shape_slot(node, target) if target is not None else None
+                if slot is None and target is not None and self._size_read_from_tracked(node, target):
+                    slot = "implicit"  # read from a pruned tensor's Shape: follows it
+                if target is None or slot is None:
+                    self.a.block(channel, f"Reshape '{node.name}' computes their size at run time")
+                    return
+                if slot != "implicit":
+                    self.a.reshape_fixups.append((node, target, channel, 1))
+                out_ids[target] = channel
+            self.set_ids(out, out_ids)
+            return
         self.block_all(x, f"Reshape '{node.name}' regroups their axis")
+
+    def _size_read_from_tracked(self, node: gs.Node, axis: int) -> bool:
+        """Whether a Reshape's target size at ``axis`` is read, at run time, from the Shape
+        of a tensor whose channels are tracked (so it follows the pruning by itself)."""
+        shape = node.inputs[1]
+        producer = shape.inputs[0] if shape.inputs else None
+        if producer is None or producer.op != "Concat":
+            return False
+        offset = 0
+        for part in producer.inputs:
+            length = (self.shape(part) or [1])[0] if self.shape(part) else 1
+            if offset <= axis < offset + length:
+                source = part.inputs[0] if part.inputs else None
+                while source is not None and source.op in ("Slice", "Gather", "Squeeze", "Unsqueeze", "Cast"):
+                    upstream = source.inputs[0]
+                    source = upstream.inputs[0] if upstream.inputs else None
+                return (source is not None and source.op == "Shape"
+                        and source.inputs[0].name in self.a.tensor_ids)
+            offset += length
+        return False
 
     def op_Transpose(self, node: gs.Node) -> None:
         ids = self.ids(node.inputs[0])
