@@ -478,6 +478,48 @@ class GraphModule(_Base):
         out = torch.index_select(x, axis, idx.reshape(-1))
         return out.reshape(tuple(x.shape[:axis]) + tuple(idx.shape) + tuple(x.shape[axis + 1:]))
 
+    def op_GatherElements(self, node: gs.Node, x: Any, idx: Any) -> Any:
+        axis = int(node.attrs.get("axis", 0))
+        axis = axis + x.ndim if axis < 0 else axis
+        idx = idx.long()
+        idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+        return torch.gather(x, axis, idx)
+
+    def op_GatherND(self, node: gs.Node, x: Any, idx: Any) -> Any:
+        batch_dims = int(node.attrs.get("batch_dims", 0))
+        idx = idx.long()
+        depth = idx.shape[-1]
+        if batch_dims:
+            lead = x.shape[:batch_dims]
+            flat_x = x.reshape(-1, *x.shape[batch_dims:])
+            flat_i = idx.reshape(-1, *idx.shape[batch_dims:])
+            outs = [xi[tuple(ii.reshape(-1, depth).t())].reshape(*ii.shape[:-1], *xi.shape[depth:])
+                    for xi, ii in zip(flat_x, flat_i, strict=True)]
+            return torch.stack(outs).reshape(*lead, *outs[0].shape)
+        picked = x[tuple(idx.reshape(-1, depth).t())]
+        return picked.reshape(*idx.shape[:-1], *x.shape[depth:])
+
+    def op_IsNaN(self, node: gs.Node, x: Any) -> Any:
+        return torch.isnan(x)
+
+    def op_IsInf(self, node: gs.Node, x: Any) -> Any:
+        return torch.isinf(x)
+
+    def op_And(self, node: gs.Node, a: Any, b: Any) -> Any:
+        return torch.logical_and(a, b)
+
+    def op_Or(self, node: gs.Node, a: Any, b: Any) -> Any:
+        return torch.logical_or(a, b)
+
+    def op_LessOrEqual(self, node: gs.Node, a: Any, b: Any) -> Any:
+        return a <= b
+
+    def op_GreaterOrEqual(self, node: gs.Node, a: Any, b: Any) -> Any:
+        return a >= b
+
+    def op_Floor(self, node: gs.Node, x: Any) -> Any:
+        return torch.floor(x)
+
     def op_Unsqueeze(self, node: gs.Node, x: Any, axes: Any = None) -> Any:
         axes_list = _ints(axes) if axes is not None else list(node.attrs["axes"])
         rank = x.ndim + len(axes_list)

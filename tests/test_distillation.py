@@ -71,11 +71,17 @@ def test_view_matches_onnxruntime_on_the_test_architectures() -> None:
     ]
     tokens = [{"name": "input_ids", "shape": ["batch", "sequence"], "dtype": "int64"},
               {"name": "attention_mask", "shape": ["batch", "sequence"], "dtype": "int64"}]
-    for exporter in ("legacy", "dynamo"):
-        bert = export_torch("nets:bert_style", inputs=tokens, exporter=exporter, base_dir=here)
-        mask = np.ones((3, 12), np.int64)
-        mask[0, 7:] = 0
-        cases.append((bert, {"input_ids": rng.integers(0, 100, (3, 12)), "attention_mask": mask}))
+    import importlib.util
+
+    factories = ["nets:bert_style"]
+    if importlib.util.find_spec("transformers") is not None:
+        factories.append("hf_nets:hf_bert")  # a real transformers BertModel graph
+    for factory in factories:
+        for exporter in ("legacy", "dynamo"):
+            bert = export_torch(factory, inputs=tokens, exporter=exporter, base_dir=here)
+            mask = np.ones((3, 12), np.int64)
+            mask[0, 7:] = 0
+            cases.append((bert, {"input_ids": rng.integers(0, 100, (3, 12)), "attention_mask": mask}))
     for model, feeds in cases:
         np.testing.assert_allclose(run_view(model, feeds), OrtRunner(model).run(feeds)[0], rtol=1e-4, atol=1e-4)
 
