@@ -30,6 +30,10 @@ _EXPORTS = {
     "model_stats": "optcc.ir",
     "verify_model": "optcc.ir",
     "constant_weight": "optcc.ir",
+    "static_shapes": "optcc.ir",
+    # running models (ONNX Runtime, CPU) and the trainable torch view
+    "OrtRunner": "optcc.runtime",
+    "GraphModule": "optcc.torchview",
     # passes
     "Pass": "optcc.passes",
     "PassOptions": "optcc.passes",

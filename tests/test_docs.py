@@ -44,3 +44,19 @@ def test_every_data_source_and_backend_is_documented(registry) -> None:
             assert cls.summary and f"`{name}`" in readme, name
             for field, info in cls.Options.model_fields.items():
                 assert info.description, f"{name}.{field} has no description"
+
+
+def test_plugins_use_only_the_public_api() -> None:
+    """Built-in plugins are plugins like any other: they import only what optcc exports."""
+    import ast
+
+    import optcc
+
+    for path in (REPO / "plugins").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("optcc"):
+                if node.module.startswith("optcc_plugins"):
+                    continue
+                assert node.module == "optcc", f"{path.name} imports from {node.module}"
+                for alias in node.names:
+                    assert alias.name in optcc.__all__, f"{path.name}: optcc.{alias.name} is not public"

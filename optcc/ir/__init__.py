@@ -2,7 +2,7 @@
 
 from optcc.ir.metadata import Metadata
 from optcc.ir.model import WEIGHTED_OPS, Model, constant_weight
-from optcc.ir.stats import LayerStats, ModelStats, model_stats
+from optcc.ir.stats import LayerStats, ModelStats, model_stats, static_shapes
 from optcc.ir.verify import verify_model
 
 __all__ = [
@@ -13,5 +13,6 @@ __all__ = [
     "ModelStats",
     "constant_weight",
     "model_stats",
+    "static_shapes",
     "verify_model",
 ]

@@ -65,11 +65,12 @@ class ModelStats:
         return out
 
 
-def _static_shapes(
+def static_shapes(
     model: Model, input_shapes: dict[str, list[int]] | None
 ) -> tuple[dict[str, list[int]], int]:
-    """Infer a concrete shape per tensor, with dynamic input dimensions set to 1; also
-    return the batch size those shapes stand for."""
+    """A concrete shape per tensor, with dynamic input dimensions set to 1 (or as given);
+    also the batch size those shapes stand for. Static inference first; where it gives up,
+    one small ONNX Runtime run of the model fills in the rest."""
     proto = model.to_proto()
     del proto.graph.value_info[:]
     for inp in proto.graph.input:
@@ -198,7 +199,7 @@ def _is_parameter(tensor: gs.Constant) -> bool:
 
 def model_stats(model: Model, input_shapes: dict[str, list[int]] | None = None) -> ModelStats:
     """Compute :class:`ModelStats` for ``model`` (does not modify it)."""
-    shapes, batch = _static_shapes(model, input_shapes)
+    shapes, batch = static_shapes(model, input_shapes)
     layers: list[LayerStats] = []
     for node, weight, precision in model.weighted_layers():
         values = np.asarray(weight.values)

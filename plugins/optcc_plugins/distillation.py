@@ -90,7 +90,7 @@ def _device(choice: str) -> Any:
 
 def _shuffled(batches: Iterator[Any], buffer: int, rng: np.random.Generator) -> Iterator[Any]:
     """Re-batch a stream with samples shuffled inside a bounded buffer (streaming-safe)."""
-    from optcc.data import Batch
+    from optcc import Batch
 
     if buffer <= 0:
         yield from batches
@@ -146,7 +146,7 @@ def train_distill(
     import torch
     import torch.nn.functional as F
 
-    from optcc.torchview import GraphModule
+    from optcc import GraphModule
 
     torch.manual_seed(seed)
     device = _device(options.device)
@@ -370,7 +370,7 @@ class RecalibrateBatchNormPass(Pass):
     @staticmethod
     def _measure(model: Model, level: list[Any], ctx: PassContext, label: str) -> dict[str, tuple[Any, Any]]:
         """Exact per-channel mean and variance of the level's BatchNorm inputs."""
-        from optcc.runtime import OrtRunner
+        from optcc import OrtRunner
 
         probe = model.copy()
         tensors = probe.tensor_map()

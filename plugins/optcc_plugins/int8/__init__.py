@@ -210,7 +210,7 @@ class Int8QuantizePass(Pass):
         self, model: Model, layers: list[Layer], quantize: Any, ctx: PassContext
     ) -> dict[str, float]:
         """Relative output MSE on one calibration batch with only that layer quantized."""
-        from optcc.runtime import OrtRunner
+        from optcc import OrtRunner
 
         batch = next(iter(ctx.batches("calibration")))
         reference = OrtRunner(model).run(batch.inputs)[0].astype(np.float64)

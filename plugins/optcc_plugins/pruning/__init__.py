@@ -19,8 +19,8 @@ from optcc import (
     Tolerance,
     hookimpl,
     model_stats,
+    static_shapes,
 )
-from optcc.ir.stats import _static_shapes
 
 from .apply import (
     Group,
@@ -113,7 +113,7 @@ def _shapes(model: Model) -> dict[str, list[int]]:
         given[t.name] = [
             (1 if i == 0 else 5) if not isinstance(d, int) or d < 0 else d for i, d in enumerate(dims)
         ]
-    shapes, _ = _static_shapes(model, given)
+    shapes, _ = static_shapes(model, given)
     return shapes
 
 

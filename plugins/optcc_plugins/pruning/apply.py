@@ -86,7 +86,7 @@ def activation_importance(
 ) -> None:
     """Mean |activation| of each class at its source layers' outputs, over the calibration
     data (a data-driven criterion: channels that stay near zero on real inputs go first)."""
-    from optcc.runtime import OrtRunner
+    from optcc import OrtRunner
 
     wanted: dict[str, tuple[int, list[int]]] = {}
     sources = {s for g in groups for s in g.sources}
