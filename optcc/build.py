@@ -282,7 +282,10 @@ def build(
         from optcc.report import write_reports
 
         write_reports(report, staging)
-        _publish(staging, out_dir)
+        if int(os.environ.get("RANK", "0")) == 0:
+            _publish(staging, out_dir)
+        else:  # torchrun: every rank built the same model; rank 0 publishes it
+            shutil.rmtree(staging, ignore_errors=True)
     except KeyboardInterrupt:
         shutil.rmtree(staging, ignore_errors=True)
         raise BuildInterrupted(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -264,3 +265,32 @@ def test_distributed_data_parallel_on_cpu_with_gloo(tmp_path: Path) -> None:
             np.testing.assert_array_equal(np.asarray(b.tensor_map()[name].values), np.asarray(tensor.values))
     loss = np.load(tmp_path / "loss0.npy")
     assert loss[-1] == 2 and loss[1] < loss[0]  # world size 2, and it learns
+
+
+def test_torchrun_build_trains_with_ddp_and_rank0_publishes(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m optcc.cli build` works as is, with gloo on CPU."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"version: 1\nmodel: {DEMO_MODEL}\n"
+        "target: {backend: onnxruntime, threads: 1, runs: 2, warmup: 0}\n"
+        "data:\n  training: {source: digits, split: train, batch_size: 64}\n"
+        "  calibration: {source: digits, split: train, batch_size: 64, limit: 512}\n"
+        "  evaluation: {source: digits, split: test, batch_size: 397}\n"
+        "passes:\n  - prune-channels: {ratio: 0.5}\n  - recalibrate-batchnorm\n"
+        "  - distill: {epochs: 3}\noutput: out\n"
+    )
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "optcc.cli",
+         "build", str(recipe), "--json"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    stats = report["passes"][2]["stats"]
+    assert stats["world_size"] == 2
+    assert report["final"]["metric"]["accuracy"] > 0.9
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["out", "out.cache", "recipe.yaml"]

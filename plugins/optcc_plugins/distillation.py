@@ -12,8 +12,10 @@ for classifier outputs (2-D); other outputs (encoder states) use MSE to the teac
 of KL. Training is seeded and deterministic on CPU, shows a progress bar with the loss,
 checkpoints every epoch (an interrupted run resumes from its last epoch when re-run with the
 same model and options), honours sparsity masks, and trains Q/DQ models quantization-aware.
-Under ``torchrun`` (torch.distributed initialised) it trains with DistributedDataParallel:
-each rank takes every world_size-th batch.
+Under ``torchrun`` (``torchrun --nproc_per_node N -m optcc.cli build recipe.yaml``) every
+rank runs the same deterministic build; ``distill`` joins the process group (NCCL on CUDA,
+gloo on CPU) and trains with DistributedDataParallel, each rank taking every
+world_size-th batch; only rank 0 publishes the output folder.
 
 ``recalibrate-batchnorm`` re-estimates BatchNormalization running statistics on the
 calibration data: after pruning, the surviving channels' statistics shift and accuracy can
@@ -118,6 +120,21 @@ def _shuffled(batches: Iterator[Any], buffer: int, rng: np.random.Generator) -> 
             pending, count = [], 0
     if pending:
         yield from flush(pending)
+
+
+def join_process_group() -> bool:
+    """Under torchrun (WORLD_SIZE > 1 in the environment), join the process group: NCCL
+    on CUDA, gloo on CPU. Returns whether training is distributed."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_available():
+        return False
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend, init_method="env://")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
 
 
 def checkpoint_key(student: Model, teacher: Model, options: dict[str, Any]) -> str:
@@ -301,6 +318,7 @@ class DistillPass(Pass):
         if ctx.cache_dir is not None:
             key = checkpoint_key(model, teacher, {**options, "seed": ctx.seed})
             checkpoint = ctx.cache_dir / f"distill-{key}.pt"
+        join_process_group()
         trained, stats = train_distill(
             model, teacher, lambda: ctx.batches("training"), opts, seed=ctx.seed,
             progress=ctx.progress, checkpoint=checkpoint,
