@@ -9,6 +9,10 @@ Each quantization runs in its own subprocess so peak memory is its own.
 
     python bench/int8.py            # all models; writes bench/results/int8.json and prints a table
     python bench/int8.py demo       # one model
+
+NNCF runs from its own virtual environment, so its dependencies never touch optcc's:
+``python3 -m venv /tmp/nncf && /tmp/nncf/bin/pip install torch==2.13.0 nncf onnx onnxruntime``,
+then ``NNCF_PYTHON=/tmp/nncf/bin/python python bench/int8.py``.
 """
 
 from __future__ import annotations
@@ -132,6 +136,21 @@ def work_ort(case: str, out: Path, method: str) -> None:
     report(start)
 
 
+def work_nncf(case: str, out: Path, method: str) -> None:
+    """NNCF's ONNX post-training quantization (its own venv: NNCF_PYTHON)."""
+    import nncf
+    import onnx
+
+    data = case_data(case)
+    model = onnx.load(str(data["model"]))
+    dataset = nncf.Dataset(list(_batches(data["calibration"])))
+    kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if case == "minilm" else {}
+    start = time.perf_counter()
+    quantized = nncf.quantize(model, dataset, subset_size=CALIBRATION_SAMPLES, **kwargs)
+    onnx.save(quantized, str(out))
+    report(start)
+
+
 def report(start: float) -> None:
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -146,12 +165,13 @@ TOOLS = {
     "ORT static MinMax": ("ort", "minmax"),
     "ORT static Entropy": ("ort", "entropy"),
     "ORT dynamic": ("ort", "dynamic"),
+    "NNCF PTQ": ("nncf", "default"),
 }
 CASE_TOOLS = {
-    "demo": ["optcc entropy", "optcc percentile", "ORT static MinMax", "ORT static Entropy"],
-    "resnet": ["optcc entropy", "optcc percentile", "ORT static MinMax", "ORT static Entropy"],
+    "demo": ["optcc entropy", "optcc percentile", "ORT static MinMax", "ORT static Entropy", "NNCF PTQ"],
+    "resnet": ["optcc entropy", "optcc percentile", "ORT static MinMax", "ORT static Entropy", "NNCF PTQ"],
     "minilm": ["optcc entropy", "optcc percentile", "optcc dynamic", "ORT static MinMax",
-               "ORT static Entropy", "ORT dynamic"],
+               "ORT static Entropy", "ORT dynamic", "NNCF PTQ"],
 }
 
 
@@ -184,8 +204,14 @@ def run_case(case: str) -> list[dict]:
     for tool in CASE_TOOLS[case]:
         kind, method = TOOLS[tool]
         out = OUT / f"{case}-{kind}-{method}.onnx"
+        python = sys.executable
+        if kind == "nncf":  # NNCF lives in its own environment (see the module docstring)
+            python = os.environ.get("NNCF_PYTHON", "")
+            if not python or not Path(python).exists():
+                rows.append({"model": case, "tool": tool, "error": "skipped: set NNCF_PYTHON"})
+                continue
         proc = subprocess.run(
-            [sys.executable, __file__, "--worker", kind, case, str(out), method],
+            [python, __file__, "--worker", kind, case, str(out), method],
             capture_output=True, text=True,
         )
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -230,7 +256,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         kind, case, out, method = sys.argv[2:6]
-        (work_optcc if kind == "optcc" else work_ort)(case, Path(out), method)
+        {"optcc": work_optcc, "ort": work_ort, "nncf": work_nncf}[kind](case, Path(out), method)
         return
     cases = sys.argv[1:] or ["demo", "resnet", "minilm"]
     rows = [row for case in cases for row in run_case(case)]
