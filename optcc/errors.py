@@ -11,6 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (the type name when it has none): libraries
+    such as ONNX and ONNX Runtime put long dumps after the line a user needs."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class OptccError(Exception):
     """Base class of every user-facing optcc error.
 

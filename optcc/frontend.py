@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from optcc._objects import load_object
-from optcc.errors import ModelError, OptccError
+from optcc.errors import ModelError, OptccError, first_line
 from optcc.ir.model import Model
 
 logger = logging.getLogger(__name__)
@@ -128,9 +128,8 @@ def export_torch(
                         output_names=output_names, dynamic_axes=dynamic_axes,
                     )
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             raise ModelError(
-                f"torch.onnx export ({exporter}) failed: {type(exc).__name__}: {first}",
+                f"torch.onnx export ({exporter}) failed: {type(exc).__name__}: {first_line(exc)}",
                 path=label,
                 hint="try 'exporter: legacy'" if exporter == "dynamo" else "try 'exporter: dynamo'",
             ) from exc

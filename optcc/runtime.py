@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from optcc.data.base import InputSpec
-from optcc.errors import ModelError
+from optcc.errors import ModelError, first_line
 from optcc.ir.model import Model
 
 logger = logging.getLogger(__name__)
@@ -70,8 +70,7 @@ class OrtRunner:
                 payload = model.to_proto().SerializeToString()
                 self.session = ort.InferenceSession(payload, options, providers=PROVIDERS)
         except Exception as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            raise ModelError(f"ONNX Runtime cannot load the model: {message}") from exc
+            raise ModelError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc
         self.input_specs = [
             InputSpec(i.name, tuple(i.shape), np.dtype(_ORT_TYPES.get(i.type, np.float32)))
             for i in self.session.get_inputs()
@@ -83,8 +82,7 @@ class OrtRunner:
         try:
             return self.session.run(None, {k: v for k, v in feeds.items() if k in names})
         except Exception as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            raise ModelError(f"ONNX Runtime failed to run the model: {message}") from exc
+            raise ModelError(f"ONNX Runtime failed to run the model: {first_line(exc)}") from exc
 
 
 def model_input_specs(model: Model) -> list[InputSpec]:

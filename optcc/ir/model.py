@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from optcc.errors import ModelError
+from optcc.errors import ModelError, first_line
 from optcc.ir.metadata import METADATA_KEY, Metadata
 
 logger = logging.getLogger(__name__)
@@ -108,8 +108,7 @@ class Model:
             if _initializer_bytes(proto) <= EXTERNAL_DATA_THRESHOLD:
                 onnx.checker.check_model(proto)
         except onnx.checker.ValidationError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ModelError(f"invalid ONNX model: {first}", path=source) from exc
+            raise ModelError(f"invalid ONNX model: {first_line(exc)}", path=source) from exc
         meta = Metadata()
         extra: dict[str, str] = {}
         for prop in proto.metadata_props:
@@ -172,7 +171,7 @@ class Model:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if external_data is None:
-            external_data = self.weight_bytes() > EXTERNAL_DATA_THRESHOLD
+            external_data = self.needs_external_data()
         proto = self.to_proto()
         # Write into a private folder beside the target, then rename into place: a crash
         # never leaves a half-written model (or weights file) under the final name.

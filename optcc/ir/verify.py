@@ -12,13 +12,8 @@ from pathlib import Path
 
 import onnx
 
-from optcc.errors import ModelError
+from optcc.errors import ModelError, first_line
 from optcc.ir.model import Model
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def verify_model(model: Model) -> onnx.ModelProto:
@@ -41,4 +36,4 @@ def verify_model(model: Model) -> onnx.ModelProto:
             proto, check_type=True, strict_mode=True, data_prop=True
         )
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ModelError(f"model failed verification: {_first_line(exc)}") from exc
+        raise ModelError(f"model failed verification: {first_line(exc)}") from exc
