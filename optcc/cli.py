@@ -164,6 +164,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_passes(args: argparse.Namespace) -> int:
     from optcc.plugins import get_registry
+    from optcc.recipe.schema import describe_options
 
     registry = get_registry()
     if args.data:
@@ -181,7 +182,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
         items = {args.name: items[args.name]}
     rows = []
     for name, cls in sorted(items.items()):
-        options = _describe_options(cls.Options)
+        options = describe_options(cls.Options)
         entry = {
             "name": name,
             "plugin": registry.owner.get((kind, name)),
@@ -208,34 +209,6 @@ def cmd_passes(args: argparse.Namespace) -> int:
             console.print(f"  [cyan]{opt['name']}[/cyan]: "
                           + _esc(f"{opt['type']} ({default}) {opt['description']}"))
     return 0
-
-
-def _describe_options(options_model: Any) -> list[dict[str, Any]]:
-    rows = []
-    for key, info in options_model.model_fields.items():
-        rows.append({
-            "name": key,
-            "type": _type_name(info.annotation),
-            "required": info.is_required(),
-            "default": None if info.is_required() else info.get_default(call_default_factory=True),
-            "description": info.description or "",
-        })
-    return rows
-
-
-def _type_name(annotation: Any) -> str:
-    """A readable option type: 'max' | 'entropy', list[str], int | None, ..."""
-    import typing
-
-    origin = typing.get_origin(annotation)
-    if origin is typing.Literal:
-        return " | ".join(repr(a) for a in typing.get_args(annotation))
-    if origin is None:
-        return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return " | ".join(_type_name(a) for a in args)
-    return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

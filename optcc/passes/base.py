@@ -217,21 +217,3 @@ class Pass:
                 f"pass '{self.name}' returned {type(result).__name__}, expected PassResult"
             )
         return result
-
-    @classmethod
-    def describe_options(cls) -> list[dict[str, Any]]:
-        """Each option's name, type, default and description (for ``optcc passes``)."""
-        rows = []
-        for key, info in cls.Options.model_fields.items():
-            annotation = info.annotation
-            type_name = getattr(annotation, "__name__", None) or str(annotation)
-            rows.append(
-                {
-                    "name": key,
-                    "type": type_name.replace("typing.", ""),
-                    "default": None if info.is_required() else info.default,
-                    "required": info.is_required(),
-                    "description": info.description or "",
-                }
-            )
-        return rows

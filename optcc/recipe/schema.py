@@ -20,6 +20,8 @@ A recipe, in full::
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -106,6 +108,34 @@ class RecipeModel(_Strict):
     passes: list[Any] = Field(default_factory=list, description="The passes, in order.")
     output: OutputSpec | None = None
     seed: int = 0
+
+
+def type_name(annotation: Any) -> str:
+    """A readable option type: 'max' | 'entropy', list[str], int | None, ..."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    if origin is None:
+        return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
+
+
+def describe_options(options_model: type[BaseModel]) -> list[dict[str, Any]]:
+    """Each option of a pass / data source / backend: name, type, default, description
+    (``optcc passes``)."""
+    return [
+        {
+            "name": key,
+            "type": type_name(info.annotation),
+            "required": info.is_required(),
+            "default": None if info.is_required() else info.get_default(call_default_factory=True),
+            "description": info.description or "",
+        }
+        for key, info in options_model.model_fields.items()
+    ]
 
 
 def json_schema(registry: Any) -> dict[str, Any]:
