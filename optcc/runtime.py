@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,30 @@ def session_options(threads: int | None = None, optimization: str = "all") -> An
 
 
 class OrtRunner:
-    """An ONNX Runtime CPU session over a :class:`Model` (or a model file path)."""
+    """An ONNX Runtime CPU session over a :class:`Model` (or a model file path).
+
+    ``extra_outputs`` names intermediate tensors to return after the graph's own outputs
+    (calibration and statistics passes read activations this way); the model itself is
+    not modified.
+    """
 
     def __init__(
-        self, model: Model | str, *, threads: int | None = None, optimization: str = "all"
+        self,
+        model: Model | str,
+        *,
+        threads: int | None = None,
+        optimization: str = "all",
+        extra_outputs: Sequence[str] = (),
     ) -> None:
         import onnxruntime as ort
+
+        if extra_outputs and not isinstance(model, str):
+            probe = model.copy()
+            tensors = probe.tensor_map()
+            for name in extra_outputs:
+                tensors[name].dtype = tensors[name].dtype or np.float32
+            probe.graph.outputs = list(probe.graph.outputs) + [tensors[n] for n in extra_outputs]
+            model = probe
 
         self.label = model if isinstance(model, str) else (model.source or "model")
         options = session_options(threads, optimization)

@@ -390,13 +390,8 @@ class RecalibrateBatchNormPass(Pass):
         """Exact per-channel mean and variance of the level's BatchNorm inputs."""
         from optcc import OrtRunner
 
-        probe = model.copy()
-        tensors = probe.tensor_map()
         names = list(dict.fromkeys(bn.inputs[0].name for bn in level))
-        for name in names:
-            tensors[name].dtype = tensors[name].dtype or np.float32
-        probe.graph.outputs = list(probe.graph.outputs) + [tensors[n] for n in names]
-        runner = OrtRunner(probe, optimization="disable")
+        runner = OrtRunner(model, extra_outputs=names, optimization="disable")
         sums: dict[str, Any] = {}
         squares: dict[str, Any] = {}
         counts: dict[str, int] = {}

@@ -95,12 +95,7 @@ def activation_importance(
             ids = analysis.tensor_ids.get(node.outputs[0].name, {})
             if len(ids) == 1:
                 wanted[node.outputs[0].name] = next(iter(ids.items()))
-    probe = model.copy()
-    tensors = probe.tensor_map()
-    probe.graph.outputs = list(probe.graph.outputs) + [tensors[n] for n in wanted]
-    for name in wanted:
-        tensors[name].dtype = tensors[name].dtype or np.float32
-    runner = OrtRunner(probe, optimization="disable")
+    runner = OrtRunner(model, extra_outputs=list(wanted), optimization="disable")
     names = runner.output_names
     sums: dict[str, np.ndarray] = {}
     count = 0
