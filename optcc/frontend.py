@@ -6,22 +6,27 @@ because it is torch's default since 2.9 and the TorchScript exporter is deprecat
 ``legacy`` stays available (opset 17 by default) for modules torch.export cannot trace.
 Dynamic axes are declared from the input specs (a string dimension is dynamic), and the
 example inputs use size 3 for them: with size 1 the dynamo exporter can silently fix a
-batch dimension, and 2 collides with torch.export's 0/1 specialisation less often than a
-static 2 would (FACTS.md). Export happens into a temporary folder; the user's files are
-never written.
+batch dimension, and 2 collides with torch.export's 0/1 specialisation more often.
+Export happens into a temporary folder; the user's files are never written.
+
+BatchNorm survives export as ``BatchNormalization`` nodes with both exporters (each one
+folds it into the preceding convolution by default in eval mode; see docs/torch-export.md
+for how that is switched off), so BatchNorm recalibration works after pruning a torch
+model and ``fold-batchnorm`` folds it once the recipe is done changing weights. What the
+exporters print or warn is routed into the log.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from optcc._objects import load_object
+from optcc._thirdparty import captured_output
 from optcc.errors import ModelError, OptccError, first_line
 from optcc.ir.model import Model
 
@@ -91,8 +96,7 @@ def export_torch(
     with tempfile.TemporaryDirectory(prefix="optcc-export-") as tmp:
         path = Path(tmp) / "model.onnx"
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with captured_output(logger, f"torch.onnx ({exporter})"):
                 if exporter == "dynamo":
                     dims: dict[str, Any] = {}
                     dynamic_shapes = tuple(
@@ -104,11 +108,15 @@ def export_torch(
                         or None
                         for spec in inputs
                     )
+                    # optimize=False: torch's own optimizer folds BatchNorm into the Conv;
+                    # _optimize_keeping_batchnorm runs the same clean-up without that rule.
                     program = torch.onnx.export(
                         module, tuple(examples), dynamo=True, opset_version=opset or 18,
                         input_names=input_names, output_names=output_names,
                         dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
+                        optimize=False,
                     )
+                    _optimize_keeping_batchnorm(program.model)
                     program.save(str(path))
                 else:
                     dynamic_axes = {
@@ -122,10 +130,14 @@ def export_torch(
                         if batch_names:
                             for name in output_names:
                                 dynamic_axes[name] = {0: sorted(batch_names)[0]}
+                    # PRESERVE exports the module in the mode it is in (eval, so BatchNorm
+                    # uses its running statistics) and skips the eval-mode clean-up that
+                    # fuses BatchNorm into the preceding Conv.
                     torch.onnx.export(
                         module, tuple(examples), str(path), dynamo=False,
                         opset_version=opset or 17, input_names=input_names,
                         output_names=output_names, dynamic_axes=dynamic_axes,
+                        training=torch.onnx.TrainingMode.PRESERVE,
                     )
         except Exception as exc:
             raise ModelError(
@@ -137,6 +149,35 @@ def export_torch(
     model.source = label
     _check_export(module, examples, model, label)
     return model
+
+
+def _optimize_keeping_batchnorm(model: Any) -> None:
+    """Clean up a dynamo export (an ``onnx_ir`` model, in place) the way torch's default
+    ``optimize=True`` does — constant folding, onnxscript's default rewrite rules, unused
+    nodes removed, constants lifted to initializers — except the rules that fuse
+    BatchNormalization into a Conv/ConvTranspose/Gemm. BatchNorm must survive export so
+    that ``recalibrate-batchnorm`` can re-estimate its statistics after pruning;
+    ``fold-batchnorm`` folds it at the end of a recipe."""
+    import onnx_ir.passes.common as common
+    from onnxscript import optimizer, rewriter
+
+    # The default rule list is not public API; without it only constant folding runs.
+    rules = [
+        rule for rule in getattr(rewriter, "_DEFAULT_REWRITE_RULES", ())
+        if "batchnorm" not in str(getattr(rule, "name", "") or "").lower()
+    ]
+    for _ in range(2):
+        optimizer.fold_constants(model)
+        if rules:
+            rewriter.rewrite(model, pattern_rewrite_rules=rules)
+    for cleanup in (
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.RemoveUnusedNodesPass(),
+    ):
+        cleanup(model)
 
 
 def _dim_name(name: str) -> str:

@@ -77,6 +77,25 @@ def build_net(width: int = 64):  # type: ignore[no-untyped-def]
     return DigitsResNet()
 
 
+def pretrained_net():  # type: ignore[no-untyped-def]
+    """The bundled trained CNN as a torch module: :func:`build_net` with the weights and
+    BatchNorm statistics read from ``digits_cnn.onnx`` (its initializers carry the
+    module's parameter names). For recipes that start from a PyTorch module."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    net = build_net()
+    proto = onnx.load(str(HERE / "digits_cnn.onnx"))
+    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in proto.graph.initializer}
+    state = net.state_dict()
+    missing = [k for k in state if k not in weights and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise RuntimeError(f"digits_cnn.onnx lacks {', '.join(missing)}; remake it with train.py")
+    net.load_state_dict({k: weights.get(k, v) for k, v in state.items()})
+    return net.eval()
+
+
 def train(data_path: Path, epochs: int = 15, seed: int = 0):  # type: ignore[no-untyped-def]
     import torch
     from torch import nn

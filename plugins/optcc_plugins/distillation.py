@@ -352,8 +352,7 @@ class RecalibrateBatchNormPass(Pass):
         bns = [n for n in model.graph.nodes if n.op == "BatchNormalization"
                and all(isinstance(t, gs.Constant) for t in n.inputs[1:5])]
         if not bns:
-            return PassResult(model, False, reason="no BatchNormalization with constant statistics "
-                              "(fold-batchnorm already ran? recalibrate before folding)")
+            return PassResult(model, False, reason=self._why_no_batchnorm(model, ctx))
         levels = self._levels(model, bns)
         shifts: dict[str, float] = {}
         for depth in sorted(set(levels.values())):
@@ -367,6 +366,18 @@ class RecalibrateBatchNormPass(Pass):
                 bn.inputs[4] = gs.Constant(f"{bn.inputs[4].name}_recal_{bn.name}", var.astype(old_mean.dtype))
         return PassResult(model, True, {"batchnorms": len(bns), "levels": len(set(levels.values())),
                                         "mean_shift": shifts})
+
+    @staticmethod
+    def _why_no_batchnorm(model: Model, ctx: PassContext) -> str:
+        """The reason the pass did not apply, naming the likely cause."""
+        if any(n.op == "BatchNormalization" for n in model.graph.nodes):
+            return "the BatchNormalization nodes read computed statistics, not constants"
+        if "fold-batchnorm" in ctx.stages:
+            return ("no BatchNormalization left: fold-batchnorm ran earlier in this recipe; "
+                    "put recalibrate-batchnorm before it")
+        return ("the model has no BatchNormalization nodes (its exporter folded them into the "
+                "convolutions, or the network has none); optcc's torch frontend keeps them, "
+                "so export with model: {torch: ...} or keep BatchNorm when exporting yourself")
 
     @staticmethod
     def _levels(model: Model, bns: list[Any]) -> dict[str, int]:

@@ -1,0 +1,83 @@
+"""The torch frontend: BatchNorm survives export with both exporters, the exporters' chatter
+goes to the log, and a torch-module CNN recipe prunes, recalibrates BatchNorm and recovers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from conftest import write_recipe
+
+pytest.importorskip("torch")
+
+from optcc.build import build  # noqa: E402
+from optcc.frontend import export_torch  # noqa: E402
+
+IMAGE = [{"name": "image", "shape": ["batch", 1, 8, 8], "dtype": "float32"}]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_export_keeps_batchnorm_and_logs_exporter_output(
+    exporter: str, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="optcc.frontend")
+    model = export_torch("optcc.demo.train:build_net", inputs=IMAGE, exporter=exporter,
+                         kwargs={"width": 8}, outputs=["logits"])
+    ops = [node.op for node in model.graph.nodes]
+    # build_net has 8 Conv → BatchNorm pairs; none may be folded away by the exporter.
+    assert ops.count("BatchNormalization") == 8 and ops.count("Conv") == 8
+    assert [t.name for t in model.outputs] == ["logits"]
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", "exporter output must go to the log, not the terminal"
+    assert any(r.getMessage().startswith(f"torch.onnx ({exporter})") for r in caplog.records)
+
+
+RECIPE = """\
+version: 1
+model:
+  torch: optcc.demo.train:pretrained_net
+  exporter: {exporter}
+  inputs: [{{name: image, shape: [batch, 1, 8, 8], dtype: float32}}]
+target: {{backend: onnxruntime, threads: 1, runs: 2, warmup: 0}}
+data:
+  calibration: {{source: digits, split: train, batch_size: 128, limit: 512}}
+  evaluation: {{source: digits, split: test, batch_size: 256}}
+passes:
+  - prune-channels: {{ratio: 0.5}}
+  - recalibrate-batchnorm
+  - fold-batchnorm
+output: out
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_torch_module_cnn_prunes_recalibrates_batchnorm_and_recovers(
+    tmp_path: Path, exporter: str
+) -> None:
+    result = build(write_recipe(tmp_path, RECIPE.format(exporter=exporter)))
+    report = result.report
+    original = report["original"]["metric"]["accuracy"]
+    pruned, recalibrated, folded = (rec["metric"]["accuracy"] for rec in report["passes"])
+    assert original > 0.98  # the trained demo weights came through the export
+    assert report["passes"][1]["modified"], report["passes"][1]["reason"]
+    # Pruning half the channels breaks the statistics; recalibration takes most of it back.
+    assert pruned < 0.4 and recalibrated > pruned + 0.3
+    assert report["passes"][2]["modified"] and folded == pytest.approx(recalibrated, abs=0.005)
+    ops = [node.op for node in result.model.graph.nodes]
+    assert "BatchNormalization" not in ops
+    assert report["final"]["params"] < 0.3 * report["original"]["params"]
+
+
+def test_recalibrate_batchnorm_says_why_it_did_not_apply(conv_bn_path: Path) -> None:
+    from optcc import Model, PassContext
+    from optcc.plugins import get_registry
+
+    recalibrate = get_registry().passes["recalibrate-batchnorm"]()
+    folded = get_registry().passes["fold-batchnorm"]()(Model.load(conv_bn_path)).model
+    after_fold = recalibrate(folded.copy(), PassContext(stages={"fold-batchnorm": folded}))
+    assert not after_fold.modified and "fold-batchnorm ran earlier" in after_fold.reason
+    never_had = recalibrate(folded.copy(), PassContext())
+    assert not never_had.modified and "no BatchNormalization nodes" in never_had.reason
+    assert "fold-batchnorm" not in never_had.reason
