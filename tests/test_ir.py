@@ -211,3 +211,32 @@ def test_model_over_2gib_saves_loads_and_runs_with_external_data(tmp_path: Path)
     verify_model(again)
     result = OrtRunner(again).run({"ids": np.array([0, rows - 1], np.int64)})[0]
     np.testing.assert_array_equal(result[:, :2], [[10.0, 0.0], [10.0, 28.0]])
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_int8_keeps_parameter_counts_and_counts_scales_apart(target: str) -> None:
+    """Quantizing stores weights in 8 bits (int32 biases on ONNX Runtime) behind
+    DequantizeLinear: the parameter count stays, per-layer counts keep the bias, and scales
+    and zero points are counted as quant_params."""
+    from optcc_plugins.int8 import Int8QuantizePass
+    from optcc_plugins.lossless import FoldBatchNormPass
+
+    from conftest import DEMO_MODEL
+
+    from optcc.data import InputSpec
+    from optcc.data.builtin import DigitsOptions, DigitsSource
+    from optcc.passes import Capability, PassContext
+
+    folded = FoldBatchNormPass()(Model.load(DEMO_MODEL)).model
+    spec = [InputSpec("image", ("batch", 1, 8, 8), np.dtype(np.float32))]
+    ctx = PassContext(target=target, capabilities=frozenset({Capability.CALIBRATION_DATA}),
+                      data={"calibration": DigitsSource(DigitsOptions(limit=64), inputs=spec)})
+    quantized = Int8QuantizePass(method="max", min_channels=1)(folded.copy(), ctx).model
+    before, after = model_stats(folded), model_stats(quantized)
+    assert after.params == before.params and before.quant_params == 0
+    assert after.quant_params > 0 and after.weight_bytes < before.weight_bytes / 3
+    by_name = {layer.name: layer for layer in before.layers}
+    for layer in after.layers:
+        assert layer.params == by_name[layer.name].params, layer.name
+    fc = next(layer for layer in after.layers if layer.op == "Gemm")
+    assert fc.params == 10 * 128 + 10  # weight and bias

@@ -55,6 +55,7 @@ class ModelStats:
     nodes: int
     op_histogram: dict[str, int]
     layers: list[LayerStats] = field(default_factory=list)
+    quant_params: int = 0
 
     def to_dict(self, *, layers: bool = True) -> dict[str, Any]:
         out = asdict(self)
@@ -178,12 +179,22 @@ def constant_input_index(node: gs.Node) -> int:
     return 1 if _constant_through_dq(node.inputs[1]) is not None else 0
 
 
-def _bias_params(node: gs.Node) -> int:
+def _bias_of(node: gs.Node) -> gs.Constant | None:
+    """A layer's bias: the third input of Conv/ConvTranspose/Gemm, or the constant added
+    right after a MatMul (``x @ W + b``), also when stored quantized behind a
+    DequantizeLinear (INT8 formats keep biases as int32)."""
+    from optcc.ir.model import _constant_through_dq
+
     if node.op in {"Conv", "ConvTranspose", "Gemm"} and len(node.inputs) > 2:
-        bias = node.inputs[2]
-        if isinstance(bias, gs.Constant):
-            return int(np.prod(bias.shape or [1]))
-    return 0
+        return _constant_through_dq(node.inputs[2])
+    if node.op == "MatMul" and len(node.outputs[0].outputs) == 1:
+        add = node.outputs[0].outputs[0]
+        if add.op == "Add" and len(add.inputs) == 2:
+            other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+            bias = _constant_through_dq(other)
+            if bias is not None and len(bias.shape or []) <= 1:
+                return bias
+    return None
 
 
 def _activation_quantized(node: gs.Node) -> bool:
@@ -191,10 +202,25 @@ def _activation_quantized(node: gs.Node) -> bool:
     return bool(data.inputs) and data.inputs[0].op == "DequantizeLinear"
 
 
-def _is_parameter(tensor: gs.Constant) -> bool:
-    """Weights, biases and scales count as parameters; int64 shape/axes constants do not."""
+def _quantization_constants(model: Model) -> tuple[set[str], set[str]]:
+    """Names of the scales and zero points of QuantizeLinear/DequantizeLinear nodes (stored
+    in the file, but not parameters of the network: counted apart as ``quant_params``), and
+    of the integer tensors that DequantizeLinear nodes expand (quantized weights, int32
+    biases: parameters)."""
+    scales: set[str] = set()
+    data: set[str] = set()
+    for node in model.graph.nodes:
+        if node.op in {"QuantizeLinear", "DequantizeLinear"}:
+            scales |= {t.name for t in node.inputs[1:] if isinstance(t, gs.Constant)}
+            if node.op == "DequantizeLinear" and isinstance(node.inputs[0], gs.Constant):
+                data.add(node.inputs[0].name)
+    return scales, data
+
+
+def _is_parameter(tensor: gs.Constant, dequantized: set[str]) -> bool:
+    """Float weights and biases, and quantized ones; int64 shape/axes constants are not."""
     dtype = np.dtype(tensor.dtype)
-    return dtype.kind == "f" or dtype.name in QUANTIZED_DTYPES
+    return dtype.kind == "f" or dtype.name in QUANTIZED_DTYPES or tensor.name in dequantized
 
 
 def model_stats(model: Model, input_shapes: dict[str, list[int]] | None = None) -> ModelStats:
@@ -203,7 +229,9 @@ def model_stats(model: Model, input_shapes: dict[str, list[int]] | None = None) 
     layers: list[LayerStats] = []
     for node, weight, precision in model.weighted_layers():
         values = np.asarray(weight.values)
-        params = int(values.size) + _bias_params(node)
+        bias = _bias_of(node)
+        bias_size = int(np.prod(bias.shape or [1])) if bias is not None else 0
+        params = int(values.size) + bias_size
         zeros = int(values.size - np.count_nonzero(values))
         layers.append(
             LayerStats(
@@ -212,19 +240,23 @@ def model_stats(model: Model, input_shapes: dict[str, list[int]] | None = None) 
                 weight=weight.name,
                 weight_shape=[int(d) for d in values.shape],
                 params=params,
-                bytes=int(values.nbytes),
+                bytes=int(values.nbytes)
+                + (bias_size * np.dtype(bias.dtype).itemsize if bias is not None else 0),
                 sparsity=zeros / values.size if values.size else 0.0,
                 flops=_per_sample(_layer_flops(node, weight, shapes), batch),
                 precision=precision,
                 int8=precision in QUANTIZED_DTYPES and _activation_quantized(node),
             )
         )
-    params = 0
-    weight_bytes = 0
+    params = quant_params = weight_bytes = 0
+    quantization, dequantized = _quantization_constants(model)
     for tensor in model.tensor_map().values():
-        if isinstance(tensor, gs.Constant) and _is_parameter(tensor):
+        if isinstance(tensor, gs.Constant) and _is_parameter(tensor, dequantized):
             size = int(np.prod(tensor.shape or [1]))
-            params += size
+            if tensor.name in quantization:
+                quant_params += size
+            else:
+                params += size
             weight_bytes += size * np.dtype(tensor.dtype).itemsize
     known = [layer.flops for layer in layers]
     flops = sum(f for f in known if f is not None) if layers and all(
@@ -246,4 +278,5 @@ def model_stats(model: Model, input_shapes: dict[str, list[int]] | None = None) 
         nodes=len(model.graph.nodes),
         op_histogram=dict(Counter(node.op for node in model.graph.nodes).most_common()),
         layers=layers,
+        quant_params=quant_params,
     )
