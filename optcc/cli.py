@@ -289,7 +289,7 @@ def _parse_shapes(values: list[str] | None) -> dict[str, list[int]] | None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from optcc.backends.base import Artifact
+    from optcc.backends.base import Artifact, speedup_between
     from optcc.data.builtin import RandomOptions, RandomSource
     from optcc.errors import OptccError
     from optcc.ir import Model
@@ -301,32 +301,90 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cls = registry.backends.get(args.backend)
     if cls is None:
         raise OptccError(f"unknown backend '{args.backend}'", hint=suggest(args.backend, list(registry.backends)))
-    backend = cls(cls.Options(threads=args.threads, warmup=args.warmup, runs=args.runs))
-    results = []
-    for path in [args.model, *(args.compare or [])]:
-        model = Model.load(path)
-        specs = OrtRunner(model).input_specs
-        dims = dict(_parse_dims(args.dim))
-        source = RandomSource(RandomOptions(samples=args.batch_size, dims=dims), inputs=specs)
-        feeds = source.first_batch(args.batch_size).inputs
+    backend = cls(cls.Options(threads=args.threads, warmup=args.warmup, runs=args.runs,
+                              rounds=args.rounds))
+    paths = [args.model, *(args.compare or [])]
+    models = {path: Model.load(path) for path in paths}
+    specs = {path: OrtRunner(model).input_specs for path, model in models.items()}
+    if not args.force:
+        _check_same_inputs(specs)
+    dims = dict(_parse_dims(args.dim))
+    feeds_of = {
+        path: RandomSource(RandomOptions(samples=args.batch_size, dims=dims), inputs=inputs)
+        .first_batch(args.batch_size).inputs
+        for path, inputs in specs.items()
+    }
+    artifacts = {}
+    for path, model in models.items():
         artifact = Artifact(backend=backend.name, path=Path(path))
         if backend.name != "onnxruntime":
             import tempfile
 
             artifact = backend.compile(model, Path(tempfile.mkdtemp(prefix="optcc-bench-")))
-        lat = backend.measure_latency(artifact, feeds)
-        results.append({"model": str(path), **lat.to_dict()})
-    if len(results) > 1:
-        for r in results[1:]:
-            r["speedup_vs_first"] = results[0]["median_ms"] / r["median_ms"]
+        artifacts[path] = artifact
+    # Same inputs: one set of arrays for all. --force: each model its own random inputs.
+    timed = backend.compare_latency(artifacts, feeds_of[args.model],
+                                    own_feeds=feeds_of if args.force else None)
+    results = [{"model": str(path), **timed[path].to_dict()} for path in paths]
+    warnings = []
+    for result, path in zip(results[1:], paths[1:], strict=True):
+        speedup = speedup_between(timed[args.model], timed[path])
+        result["speedup_vs_first"] = speedup.ratio
+        result["speedup_range"] = [speedup.low, speedup.high]
+        if speedup.warning():
+            warnings.append(f"{path}: {speedup.warning()}")
     if args.json:
         _print_json(results)
         return 0
-    rows = [[r["model"], f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}", str(r["batch_size"]),
-             str(r["threads"] or "default"), f"{r.get('speedup_vs_first', 1.0):.2f}×"] for r in results]
-    _console().print(_table(f"latency on {backend.name}",
-                            ["model", "median ms", "p90 ms", "batch", "threads", "vs first"], rows))
+    rows = [[r["model"], f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}",
+             f"{100 * r['spread']:.0f} %", str(r["batch_size"]), str(r["threads"] or "default"),
+             _speedup_cell(r)] for r in results]
+    console = _console()
+    console.print(_table(f"latency on {backend.name} ({results[0]['rounds']} interleaved rounds)",
+                         ["model", "median ms", "p90 ms", "spread", "batch", "threads", "vs first"],
+                         rows))
+    for warning in warnings:
+        _console(stderr=True).print(f"[yellow]warning:[/yellow] {_esc(warning)}")
     return 0
+
+
+def _speedup_cell(result: dict[str, Any]) -> str:
+    if "speedup_vs_first" not in result:
+        return "1.00×"
+    low, high = result["speedup_range"]
+    return f"{result['speedup_vs_first']:.2f}× ({low:.2f}–{high:.2f})"
+
+
+def _check_same_inputs(specs: dict[str, list[Any]]) -> None:
+    """``bench --compare`` feeds every model the same arrays: their inputs must agree in
+    names, ranks and static dimensions."""
+    from optcc.errors import OptccError
+
+    (first, reference), *others = specs.items()
+    for path, inputs in others:
+        problems = []
+        ref_by_name = {spec.name: spec for spec in reference}
+        names = {spec.name for spec in inputs}
+        if names != set(ref_by_name):
+            problems.append(f"input names {sorted(names)} vs {sorted(ref_by_name)}")
+        for spec in inputs:
+            ref = ref_by_name.get(spec.name)
+            if ref is None:
+                continue
+            if len(spec.shape) != len(ref.shape):
+                problems.append(f"'{spec.name}' has rank {len(spec.shape)} vs {len(ref.shape)}")
+                continue
+            for axis, (a, b) in enumerate(zip(spec.shape, ref.shape, strict=True)):
+                if isinstance(a, int) and isinstance(b, int) and a > 0 and b > 0 and a != b:
+                    problems.append(f"'{spec.name}' dimension {axis} is {a} vs {b}")
+            if spec.dtype != ref.dtype:
+                problems.append(f"'{spec.name}' is {spec.dtype.name} vs {ref.dtype.name}")
+        if problems:
+            raise OptccError(
+                f"{path} does not take the same inputs as {first}: {'; '.join(problems)}",
+                hint="bench --compare times every model on the same arrays; pass --force to "
+                "time each on random inputs of its own shape",
+            )
 
 
 def _parse_dims(values: list[str] | None) -> Iterator[tuple[str, int]]:
@@ -422,6 +480,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure a model's latency on a backend")
     p.add_argument("model")
     p.add_argument("--compare", nargs="+", metavar="MODEL", help="more models, same inputs")
+    p.add_argument("--force", action="store_true",
+                   help="compare models even when their inputs differ")
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--backend", default="onnxruntime")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)

@@ -218,10 +218,9 @@ def test_int8_keeps_parameter_counts_and_counts_scales_apart(target: str) -> Non
     """Quantizing stores weights in 8 bits (int32 biases on ONNX Runtime) behind
     DequantizeLinear: the parameter count stays, per-layer counts keep the bias, and scales
     and zero points are counted as quant_params."""
+    from conftest import DEMO_MODEL
     from optcc_plugins.int8 import Int8QuantizePass
     from optcc_plugins.lossless import FoldBatchNormPass
-
-    from conftest import DEMO_MODEL
 
     from optcc.data import InputSpec
     from optcc.data.builtin import DigitsOptions, DigitsSource

@@ -8,13 +8,14 @@ Latency is measured on the CPU execution provider with a fixed thread count.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 
-from optcc.backends.base import Artifact, Backend, BackendOptions, LatencyResult, time_calls
+from optcc.backends.base import Artifact, Backend, BackendOptions
 from optcc.hookspecs import hookimpl
 from optcc.ir.model import Model
 
@@ -70,21 +71,14 @@ class OnnxRuntimeBackend(Backend):
             info={"onnxruntime": ort.__version__, "bytes": os.path.getsize(path)},
         )
 
-    def _measure_latency_impl(
+    def _open_runner(
         self, artifact: Artifact, feeds: dict[str, np.ndarray]
-    ) -> LatencyResult:
+    ) -> Callable[[], Any]:
         from optcc.runtime import OrtRunner
 
         opts: Any = self.options
         runner = OrtRunner(str(artifact.path), threads=opts.threads, optimization=opts.optimization)
-        median, p90, mean, fastest = time_calls(
-            lambda: runner.run(feeds), warmup=opts.warmup, runs=opts.runs
-        )
-        batch = int(next(iter(feeds.values())).shape[0])
-        return LatencyResult(
-            median_ms=median, p90_ms=p90, mean_ms=mean, min_ms=fastest, runs=opts.runs,
-            warmup=opts.warmup, threads=opts.threads, batch_size=batch, device="cpu",
-        )
+        return lambda: runner.run(feeds)
 
 
 @hookimpl
