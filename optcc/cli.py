@@ -33,6 +33,58 @@ def _console(stderr: bool = False) -> Any:
     return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
 
 
+_STDERR_CONSOLE: Any = None
+
+
+def _stderr_console() -> Any:
+    """The one stderr console: progress bars and log messages share it, so a message is
+    printed above a live bar instead of through it."""
+    global _STDERR_CONSOLE
+    if _STDERR_CONSOLE is None:
+        _STDERR_CONSOLE = _console(stderr=True)
+    return _STDERR_CONSOLE
+
+
+class _ConsoleLogHandler(logging.Handler):
+    """Log records on the shared stderr console (above any live progress bar)."""
+
+    STYLES = {"WARNING": "yellow", "ERROR": "red", "CRITICAL": "red"}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            style = self.STYLES.get(record.levelname, "dim")
+            _stderr_console().print(
+                f"[{style}]{record.levelname.lower()}:[/{style}] {_esc(self.format(record))}"
+            )
+        except Exception:
+            self.handleError(record)
+
+
+def _setup_logging(verbose: int) -> None:
+    """Log to the terminal through the progress display's console: warnings and errors by
+    default, -v info, -vv debug. Python warnings (deprecations and the like from torch,
+    onnxruntime and others) are logged at INFO, so they never land on the progress display
+    unless asked for."""
+    import warnings
+
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _ConsoleLogHandler)]:
+        root.removeHandler(handler)
+    handler = _ConsoleLogHandler()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    handler.setLevel(logging.WARNING - 10 * min(verbose, 2))
+    root.addHandler(handler)
+    root.setLevel(min(root.level or logging.WARNING, handler.level))
+
+    def log_warning(message: Any, category: type[Warning], filename: str, lineno: int,
+                    file: Any = None, line: str | None = None) -> None:
+        logging.getLogger("py.warnings").info(
+            "%s: %s (%s:%d)", category.__name__, message, filename, lineno
+        )
+
+    warnings.showwarning = log_warning
+
+
 def _table(title: str | None, headers: list[str], rows: Iterable[list[str]]) -> Any:
     from rich.table import Table
 
@@ -51,11 +103,13 @@ def _esc(text: Any) -> str:
 
 
 class RichProgress:
-    """Progress bars on stderr for long steps (passes, evaluation, latency)."""
+    """Progress on stderr for long steps (passes, evaluation, latency): a bar with a total
+    and time left where the count is known (explicitly, or from the iterable's length hint,
+    which data sources provide), one line per step when stderr is not a terminal."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.console = _console(stderr=True)
+        self.console = _stderr_console()
         self.interactive = sys.stderr.isatty()
 
     def track(
@@ -64,8 +118,13 @@ class RichProgress:
         if not self.enabled:
             yield from iterable
             return
+        import operator
+
+        if total is None:
+            total = operator.length_hint(iterable) or None
         if not self.interactive:  # logs: one line per step, no redrawn bars
-            self.console.print(f"[dim]• {_esc(description)}[/dim]")
+            count = f" ({total} steps)" if total else ""
+            self.console.print(f"[dim]• {_esc(description)}{count}[/dim]")
             yield from iterable
             return
         from rich.progress import (
@@ -75,10 +134,13 @@ class RichProgress:
             SpinnerColumn,
             TextColumn,
             TimeElapsedColumn,
+            TimeRemainingColumn,
         )
 
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                    MofNCompleteColumn(), TimeElapsedColumn()]
+        if total:
+            columns.append(TimeRemainingColumn())
         with Progress(*columns, console=self.console, transient=True) as bar:
             yield from bar.track(iterable, total=total, description=description)
 
@@ -94,7 +156,7 @@ def _print_json(data: Any) -> None:
 def _warn_plugin_errors(registry: Any, quiet: bool) -> None:
     if quiet:
         return
-    err = _console(stderr=True)
+    err = _stderr_console()
     for error in registry.errors:
         err.print(f"[yellow]warning:[/yellow] {_esc(error)}")
 
@@ -344,7 +406,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          ["model", "median ms", "p90 ms", "spread", "batch", "threads", "vs first"],
                          rows))
     for warning in warnings:
-        _console(stderr=True).print(f"[yellow]warning:[/yellow] {_esc(warning)}")
+        _stderr_console().print(f"[yellow]warning:[/yellow] {_esc(warning)}")
     return 0
 
 
@@ -512,10 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USER_ERROR
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2),
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    _setup_logging(args.verbose)
     from optcc.errors import BuildInterrupted, OptccError
 
     try:

@@ -2,11 +2,14 @@
 
 A source never needs the whole data set in memory: ``batches()`` yields
 :class:`Batch` objects of at most ``batch_size`` samples, stopping after ``limit`` samples.
+A source that knows how many samples it holds says so in ``num_samples()``; the batch
+stream then carries its length (``operator.length_hint``), so progress bars show totals.
 Plugins add sources through the ``optcc_data_sources`` hook.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +88,12 @@ class DataSource:
     def describe(self) -> str:
         return self.name
 
+    def num_samples(self) -> int | None:
+        """How many samples the source holds before ``limit``, or None when it cannot know
+        without reading them all (a generator). Override it cheaply (array headers, an
+        index): progress bars use it for their totals."""
+        return None
+
     # -- provided
     def resolve(self, path: str | Path) -> Path:
         """A path from the recipe, relative to the recipe's folder."""
@@ -94,8 +103,23 @@ class DataSource:
     def error(self, message: str, hint: str | None = None) -> DataError:
         return DataError(f"data '{self.role}' ({self.describe()}): {message}", hint=hint)
 
+    def num_batches(self, batch_size: int | None = None) -> int | None:
+        """How many batches :meth:`batches` yields, or None when unknown."""
+        n = self.num_samples()
+        if n is None:
+            return None
+        if self.options.limit is not None:
+            n = min(n, self.options.limit)
+        return math.ceil(n / (batch_size or self.options.batch_size))
+
     def batches(self, batch_size: int | None = None) -> Iterator[Batch]:
-        """Yield batches of at most ``batch_size`` samples, checked against the model inputs."""
+        """Yield batches of at most ``batch_size`` samples, checked against the model inputs.
+
+        The iterator reports its length through ``operator.length_hint`` when
+        :meth:`num_samples` is known."""
+        return _Counted(self._batches(batch_size), self.num_batches(batch_size))
+
+    def _batches(self, batch_size: int | None = None) -> Iterator[Batch]:
         size = batch_size or self.options.batch_size
         remaining = self.options.limit
         pending: list[tuple[dict[str, np.ndarray], np.ndarray | None]] = []
@@ -168,6 +192,29 @@ class DataSource:
             spec.name: np.ascontiguousarray(inputs[spec.name], dtype=spec.dtype)
             for spec in self.input_specs
         }
+
+
+class _Counted(Iterator[Batch]):
+    """An iterator of batches that knows how many it will yield (``__length_hint__``, not
+    ``__len__``: it stays truthy and cannot be mistaken for a sequence)."""
+
+    def __init__(self, batches: Iterator[Batch], total: int | None) -> None:
+        self._batches = batches
+        self._left = total
+
+    def __next__(self) -> Batch:
+        batch = next(self._batches)
+        if self._left is not None:
+            self._left = max(0, self._left - 1)
+        return batch
+
+    def __length_hint__(self) -> int:
+        return self._left if self._left is not None else NotImplemented  # type: ignore[return-value]
+
+    def close(self) -> None:
+        close = getattr(self._batches, "close", None)
+        if close is not None:
+            close()
 
 
 def _count(inputs: dict[str, np.ndarray]) -> int:

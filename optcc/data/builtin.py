@@ -59,6 +59,11 @@ class DigitsSource(DataSource):
     def describe(self) -> str:
         return f"digits:{self.options.split}"  # type: ignore[attr-defined]
 
+    def num_samples(self) -> int:
+        split = self.options.split  # type: ignore[attr-defined]
+        with np.load(DIGITS_FILE) as data:
+            return int(len(data["labels"] if split == "all" else data[f"{split}_index"]))
+
     def _samples(self) -> Iterator[Chunk]:
         with np.load(DIGITS_FILE) as data:
             images = data["images"].astype(np.float32)[:, None] / 16.0
@@ -95,6 +100,28 @@ class NpzSource(DataSource):
     def describe(self) -> str:
         return f"npz:{self.options.path}"  # type: ignore[attr-defined]
 
+    def num_samples(self) -> int | None:
+        """The first dimension of the arrays, read from their headers (no data loaded)."""
+        import zipfile
+
+        opts: Any = self.options
+        try:
+            with zipfile.ZipFile(self.resolve(opts.path)) as archive:
+                counts = []
+                for info in archive.infolist():
+                    if not info.filename.endswith(".npy") or info.filename[:-4] == opts.labels:
+                        continue
+                    with archive.open(info) as f:
+                        fmt = np.lib.format
+                        read = (fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0)
+                                else fmt.read_array_header_2_0)
+                        shape, _, _ = read(f)
+                    if shape:
+                        counts.append(int(shape[0]))
+        except (OSError, ValueError, zipfile.BadZipFile, AttributeError):
+            return None  # the read itself reports the problem, with the file's name
+        return min(counts) if counts else None
+
     def _samples(self) -> Iterator[Chunk]:
         opts: Any = self.options
         path = self.resolve(opts.path)
@@ -127,6 +154,16 @@ class NpyFolderSource(DataSource):
 
     def describe(self) -> str:
         return f"npy-folder:{self.options.path}"  # type: ignore[attr-defined]
+
+    def num_samples(self) -> int | None:
+        folder = self.resolve(self.options.path)  # type: ignore[attr-defined]
+        try:
+            return min(
+                int(np.load(folder / f"{spec.name.replace('/', '_')}.npy", mmap_mode="r").shape[0])
+                for spec in self.input_specs
+            )
+        except (OSError, ValueError, IndexError):
+            return None
 
     def _samples(self) -> Iterator[Chunk]:
         opts: Any = self.options
@@ -228,6 +265,9 @@ class RandomSource(DataSource):
     name = "random"
     summary = "Random inputs shaped like the model's (agreement checks only)."
     Options = RandomOptions
+
+    def num_samples(self) -> int:
+        return int(self.options.samples)  # type: ignore[attr-defined]
 
     def _samples(self) -> Iterator[Chunk]:
         opts: Any = self.options
