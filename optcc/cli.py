@@ -91,8 +91,8 @@ def _table(title: str | None, headers: list[str], rows: Iterable[list[str]]) -> 
     table = Table(title=title, title_justify="left", show_lines=False)
     for header in headers:
         table.add_column(header, overflow="fold")
-    for row in rows:
-        table.add_row(*(_esc(cell) for cell in row))  # cells are data, never markup
+    for row in rows:  # cells are data, never markup; a rich Text cell carries its own style
+        table.add_row(*(cell if hasattr(cell, "stylize") else _esc(cell) for cell in row))
     return table
 
 
@@ -226,7 +226,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_passes(args: argparse.Namespace) -> int:
     from optcc.plugins import get_registry
-    from optcc.recipe.schema import describe_options
+    from optcc.recipe.schema import bounds_text, describe_options
 
     registry = get_registry()
     if args.data:
@@ -254,23 +254,41 @@ def cmd_passes(args: argparse.Namespace) -> int:
         if kind == "pass":
             entry["requires"] = sorted(getattr(r, "value", str(r)) for r in cls.requires)
             entry["tolerance"] = cls.tolerance.describe()
+            entry["tolerance_explained"] = cls.tolerance.explain()
         rows.append(entry)
     if args.json:
         _print_json(rows)
         return 0
+    from rich.table import Table
+
     console = _console()
     for entry in rows:
-        console.print(
-            f"[bold]{entry['name']}[/bold]  ({_esc(entry['plugin'])})  {_esc(entry['summary'])}"
-        )
+        console.print(f"[bold]{entry['name']}[/bold]  [dim](plugin {_esc(entry['plugin'])})[/dim]")
+        console.print(f"  {_esc(entry['summary'])}")
         if kind == "pass":
-            console.print(_esc(f"  tolerance: {entry['tolerance']}; requires: "
-                               f"{', '.join(entry['requires']) or 'nothing'}"))
+            console.print(f"  [dim]tolerance:[/dim] {_esc(entry['tolerance_explained'])}")
+            console.print(f"  [dim]requires:[/dim]  {_esc(', '.join(entry['requires']) or 'nothing')}")
+        grid = Table.grid(padding=(0, 2))
+        for column in ("name", "type", "default", "description"):
+            grid.add_column(column, overflow="fold", ratio=3 if column == "description" else None)
         for opt in entry["options"]:
-            default = "required" if opt["required"] else f"default {opt['default']!r}"
-            console.print(f"  [cyan]{opt['name']}[/cyan]: "
-                          + _esc(f"{opt['type']} ({default}) {opt['description']}"))
+            if kind == "pass" and opt["name"] == "tolerance":
+                continue  # the tolerance line above says it
+            kind_text = opt["type"] + (f", {bounds_text(opt['bounds'])}" if opt["bounds"] else "")
+            default = "required" if opt["required"] else f"default {_show_default(opt['default'])}"
+            grid.add_row(f"  [cyan]{_esc(opt['name'])}[/cyan]", _esc(kind_text), _esc(default),
+                         _esc(opt["description"]))
+        if grid.row_count:
+            console.print(grid)
+        console.print()
     return 0
+
+
+def _show_default(value: Any) -> str:
+    """A default as a recipe would spell it (YAML flow style)."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("\n...")
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -285,14 +303,16 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"plugins": [p.to_dict() for p in registry.plugins], "backends": backends})
     else:
+        from rich.text import Text
+
         console = _console()
         rows = []
         for p in registry.plugins:
             provides = ", ".join(p.passes + p.data_sources + p.backends) or "–"
-            status = "[red]failed[/red]: " + p.error if p.error else "ok"
+            status = Text.assemble(("failed", "red"), f": {p.error}") if p.error else Text("ok", "green")
             rows.append([p.name, p.version or "?", p.distribution or "?", provides, status])
         console.print(_table("plugins", ["plugin", "version", "package", "provides", "status"], rows))
-        rows = [[b["name"], "yes" if b["available"] else "no",
+        rows = [[b["name"], Text("yes", "green") if b["available"] else Text("no", "red"),
                  b["reason"] + (f" — {b['install_hint']}" if b["install_hint"] else "")]
                 for b in backends]
         console.print(_table("backends", ["backend", "available", "why not"], rows))
@@ -467,12 +487,38 @@ def cmd_lint(args: argparse.Namespace) -> int:
     errors = sum(f.severity == "error" for f in findings)
     if args.json:
         _print_json([f.to_dict() for f in findings])
-    else:
+    elif args.list_all:
         for finding in findings:
             print(finding)
+    else:
+        for line in _grouped_findings(findings):
+            print(line)
+    if not args.json:
         print(f"{args.model}: {errors} error(s), {len(findings) - errors} warning(s) "
               "against TensorRT's Q/DQ rules")
     return 1 if errors else 0
+
+
+LINT_NODES_SHOWN = 3
+
+
+def _grouped_findings(findings: list[Any]) -> list[str]:
+    """One line per rule (errors first): the count, the message, the first few nodes."""
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for finding in findings:
+        groups.setdefault((finding.severity, finding.rule), []).append(finding)
+    lines = []
+    for (severity, rule), group in sorted(groups.items(), key=lambda kv: kv[0][0] != "error"):
+        if len(group) == 1:
+            lines.append(str(group[0]))
+            continue
+        messages = {f.message for f in group}
+        message = group[0].message + ("" if len(messages) == 1 else " (and similar)")
+        nodes = ", ".join(f.node for f in group[:LINT_NODES_SHOWN])
+        more = len(group) - LINT_NODES_SHOWN
+        where = nodes + (f" and {more} more (--verbose lists all)" if more > 0 else "")
+        lines.append(f"{severity}: [{rule}] {len(group)} nodes: {message}\n    at {where}")
+    return lines
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -558,6 +604,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lint", help="check a Q/DQ model against TensorRT's quantization rules")
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--verbose", "--all", dest="list_all", action="store_true",
+                   help="one line per finding instead of one line per rule")
     p.set_defaults(func=cmd_lint)
 
     p = sub.add_parser("schema", help="write the recipe JSON Schema (for editors)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import DEMO_MODEL
 
@@ -39,3 +40,28 @@ def test_bench_same_inputs_shows_rounds_and_spread(capsys) -> None:
     code, out, _ = run(capsys, "bench", str(DEMO_MODEL), "--compare", str(DEMO_MODEL), *FAST)
     assert code == 0
     assert "2 interleaved rounds" in out and "spread" in out and "×" in out
+
+
+def test_lint_groups_repeated_findings(tmp_path: Path, capsys) -> None:
+    from optcc_plugins.int8 import Int8QuantizePass
+    from optcc_plugins.lossless import FoldBatchNormPass
+
+    from optcc.data import InputSpec
+    from optcc.data.builtin import DigitsOptions, DigitsSource
+    from optcc.ir import Model
+    from optcc.passes import Capability, PassContext
+
+    spec = [InputSpec("image", ("batch", 1, 8, 8), np.dtype(np.float32))]
+    ctx = PassContext(target="onnxruntime", capabilities=frozenset({Capability.CALIBRATION_DATA}),
+                      data={"calibration": DigitsSource(DigitsOptions(limit=32), inputs=spec)})
+    folded = FoldBatchNormPass()(Model.load(DEMO_MODEL)).model
+    path = tmp_path / "ort_int8.onnx"
+    Int8QuantizePass(method="max")(folded, ctx).model.save(path)
+    code, out, _ = run(capsys, "lint", str(path))
+    lines = out.splitlines()
+    assert code == 1 and lines[0].startswith("error: [unsigned] ")
+    count = int(lines[0].split()[2])  # "error: [unsigned] N nodes: ..."
+    assert count > 10 and len(lines) == 3  # the rule, where, the total
+    assert lines[1].startswith("    at ") and f"and {count - 3} more (--verbose lists all)" in lines[1]
+    code, out, _ = run(capsys, "lint", str(path), "--verbose")
+    assert out.count("[unsigned]") == count

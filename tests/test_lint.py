@@ -132,4 +132,10 @@ def test_cli_lint_exit_codes(tmp_path, capsys) -> None:
     assert "0 error(s), 0 warning(s)" in capsys.readouterr().out
     assert main(["lint", str(bad)]) == 1
     out = capsys.readouterr().out
+    # The Q and its DQ break the same rule: one line for the rule, with both nodes.
+    assert "error: [zero-point] 2 nodes: zero point must be 0 (symmetric quantization)" in out
+    assert "    at x_Q, x_DQ\n" in out and out.count("[zero-point]") == 1
+    assert main(["lint", str(bad), "--verbose"]) == 1
+    out = capsys.readouterr().out
     assert "error: [zero-point] x_Q: zero point must be 0 (symmetric quantization)" in out
+    assert "error: [zero-point] x_DQ: zero point must be 0" in out

@@ -162,3 +162,20 @@ def test_unknown_pass_error_mentions_failed_plugins(site: Path, tmp_path: Path) 
     with pytest.raises(RecipeError) as info:
         load_recipe(recipe, create_registry())
     assert "plugin(s) that failed to load: gone" in info.value.hint
+
+
+def test_cli_plugins_shows_failures_without_raw_markup(site: Path, capsys) -> None:
+    from optcc.cli import main
+    from optcc.plugins import set_registry
+
+    make_dist(site, "broken-cli", "broken_cli_mod", "raise RuntimeError('[red]no[/red] GPU')\n")
+    set_registry(create_registry())
+    try:
+        assert main(["plugins"]) == 1
+    finally:
+        set_registry(None)
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "broken-cli" in line)
+    assert "failed: failed to import broken_cli_mod" in row
+    assert "[red]failed" not in out and "[/red]" not in out.replace("[red]no[/red] GPU", "")
+    assert "[red]no[/red] GPU" in out  # the error text itself is shown as written

@@ -58,10 +58,11 @@ BAD = [
                  "pass 'fold-constants': unknown key 'fold_shape'", 5, 7, "did you mean 'fold_shapes'?",
                  id="unknown-option"),
     pytest.param(f"version: 1\nmodel: {DEMO_MODEL}\npasses:\n  - fold-constants:\n      fold_shapes: maybe\n",
-                 "pass 'fold-constants': passes.0.fold-constants.fold_shapes: Input should be a valid boolean",
+                 "pass 'fold-constants' option 'fold_shapes': must be true or false (got maybe)",
                  5, 20, None, id="wrong-type"),
     pytest.param(f"version: 1\nmodel: {DEMO_MODEL}\npasses:\n  - fold-constants:\n      size_threshold_mib: -3\n",
-                 "greater than or equal to 0", 5, 27, None, id="out-of-range"),
+                 "pass 'fold-constants' option 'size_threshold_mib': must be >= 0 (got -3)", 5, 27, None,
+                 id="out-of-range"),
     pytest.param("version: 1\nmodel: a.onnx\nmodel: b.onnx\n",
                  "duplicate key 'model' (first defined on line 2)", 3, 1, "silently keep only the last",
                  id="duplicate-key"),
@@ -79,7 +80,8 @@ BAD = [
                  "data.evaluation: unknown data source 'digit'", 4, 24, "did you mean 'digits'?",
                  id="unknown-source"),
     pytest.param(f"version: 1\nmodel: {DEMO_MODEL}\ndata:\n  evaluation: {{source: digits, split: tset}}\n",
-                 "Input should be 'train', 'test' or 'all'", 4, 39, "did you mean 'test'?",
+                 "data.evaluation (digits) option 'split': must be one of 'train', 'test' or 'all' "
+                 "(got tset)", 4, 39, "did you mean 'test'?",
                  id="bad-enum"),
     pytest.param(f"version: 1\nmodel: {DEMO_MODEL}\ndata:\n  calibraton: {{source: digits}}\n",
                  "recipe: unknown key 'calibraton' in 'data'", 4, 3, "did you mean 'calibration'?",
@@ -93,7 +95,8 @@ BAD = [
     pytest.param(f"version: 1\nmodel: {DEMO_MODEL}\npasses:\n  - {{a: 1, b: 2}}\n",
                  "each pass is a name", 4, 5, None, id="pass-two-keys"),
     pytest.param(f"version: 1\nmodel: {DEMO_MODEL}\nevaluate: sometimes\n",
-                 "Input should be 'each', 'final' or 'none'", 3, 11, None, id="bad-evaluate"),
+                 "recipe key 'evaluate': must be one of 'each', 'final' or 'none' (got sometimes)",
+                 3, 11, None, id="bad-evaluate"),
 ]
 
 
@@ -161,3 +164,35 @@ def test_schema_accepts_bundled_recipes_and_rejects_typos(registry) -> None:
         assert errors == [], (recipe, errors[:1])
     bad = yaml.safe_load(GOOD.replace("fold-constants", "fold-constant"))
     assert list(validator.iter_errors(bad))
+
+
+def test_range_error_is_worded_once_with_the_recipes_line(tmp_path: Path) -> None:
+    from pydantic import Field
+
+    from optcc import hookimpl
+    from optcc.passes import Pass, PassOptions
+    from optcc.plugins import create_registry
+
+    class CapOptions(PassOptions):
+        cap: int = Field(1, gt=0, description="A positive cap.")
+        names: list[str] = Field(default_factory=list, description="Names.")
+
+    class CapPass(Pass):
+        name = "x"
+        Options = CapOptions
+
+    class Plugin:
+        @hookimpl
+        def optcc_passes(self):
+            return [CapPass]
+
+    registry = create_registry(extra_plugins=[("capper", Plugin())])
+    recipe = write_recipe(tmp_path, f"version: 1\nmodel: {DEMO_MODEL}\npasses:\n  - fold-constants\n"
+                                    "  - x:\n      cap: 0\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(recipe, registry)
+    assert str(info.value) == f"{recipe}:6:12: pass 'x' option 'cap': must be > 0 (got 0)"
+    recipe.write_text(f"version: 1\nmodel: {DEMO_MODEL}\npasses:\n  - x: {{names: [a, 7]}}\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(recipe, registry)
+    assert info.value.bare_message == "pass 'x' option 'names' item 2: must be text (got 7)"

@@ -78,12 +78,22 @@ class Tolerance:
     def allows(self, max_abs_diff: float, ref_max_abs: float) -> bool:
         return max_abs_diff <= self.atol + self.rtol * ref_max_abs
 
-    def describe(self) -> str:
+    def describe(self, metric: str | None = None) -> str:
+        """Short form for tables: ``exact``, ``atol=1e-05, rtol=0.0001``, or ``lossy (judged
+        by accuracy)`` where ``metric`` names the build's metric."""
         if not self.enforced:
-            return "lossy (judged by accuracy)"
+            return f"lossy (judged by {metric or 'the metric'})"
         if self.atol == 0.0 and self.rtol == 0.0:
             return "exact"
         return f"atol={self.atol:g}, rtol={self.rtol:g}"
+
+    def explain(self) -> str:
+        """One line for ``optcc passes``: the bound, how it is checked, how to change it."""
+        if not self.enforced:
+            return ("lossy, judged by the recipe's metric (accuracy, or agreement without "
+                    "labels); 'tolerance: {atol, rtol}' adds an enforced bound")
+        return (f"{self.describe()}, enforced on the verification batch; "
+                "'tolerance: {atol, rtol}' replaces it")
 
 
 class ToleranceOverride(BaseModel):
@@ -103,7 +113,8 @@ class PassOptions(BaseModel):
 
     tolerance: ToleranceOverride | None = Field(
         None,
-        description="Override the pass's declared output tolerance (lossless passes only).",
+        description="Replace the pass's declared output tolerance: loosen a lossless pass's "
+        "bound, or give a lossy pass one that the build enforces.",
     )
 
 

@@ -173,7 +173,6 @@ def _pydantic_error(
     err = exc.errors()[0]
     loc = tuple(err["loc"])
     full = (*prefix, *loc)
-    dotted = ".".join(str(p) for p in full) if full else "recipe"
     hint = None
     if loc and loc[-1] == "[key]":  # a mapping key outside an allowed set (data roles)
         key_loc = (*prefix, *loc[:-1])
@@ -199,7 +198,48 @@ def _pydantic_error(
         got = err.get("input")
         options = [s.strip(" '") for s in expected.replace(" or ", ",").split(",")]
         hint = suggest(str(got), options) if isinstance(got, str) else None
-    return located.error(f"{what}: {dotted}: {err['msg']}", full, hint=hint)
+    return located.error(value_error_message(what, loc, err), full, hint=hint)
+
+
+_BOUND_WORDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+                "less_than_equal": "<="}
+_TYPE_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false",
+               "string": "text", "list": "a list", "dict": "a mapping"}
+
+
+def value_error_message(what: str, loc: Loc, err: Any) -> str:
+    """One pydantic value error in recipe words, e.g. ``pass 'x' option 'cap': must be > 0
+    (got 0)``: the option's own path (list items 1-based), the rule, the offending value."""
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"item {part + 1}")
+        elif not str(part).startswith(("function-", "union[", "nullable[")):  # pydantic internals
+            parts.append(str(part))
+    name = ".".join(p for p in parts if not p.startswith("item "))
+    items = [p for p in parts if p.startswith("item ")]
+    kind = "key" if what == "recipe" else "option"
+    subject = f"{what} {kind} '{name}'" + (f" {items[-1]}" if items else "") if name else what
+    kind_of_error, ctx = err.get("type", ""), err.get("ctx") or {}
+    base = kind_of_error.split("_")[0]
+    if kind_of_error in _BOUND_WORDS:
+        limit = next(iter(ctx.values()), "?")
+        rule = f"must be {_BOUND_WORDS[kind_of_error]} {limit:g}" if isinstance(
+            limit, int | float) else f"must be {_BOUND_WORDS[kind_of_error]} {limit}"
+    elif kind_of_error == "int_from_float":
+        rule = "must be a whole number"
+    elif kind_of_error.endswith(("_parsing", "_type")) and base in _TYPE_WORDS:
+        rule = f"must be {_TYPE_WORDS[base]}"
+    elif kind_of_error in {"literal_error", "enum"}:
+        rule = f"must be one of {ctx.get('expected', '?')}"
+    else:
+        message = str(err.get("msg", "invalid value"))
+        rule = message[:1].lower() + message[1:]
+    got = err.get("input")
+    shown = "" if isinstance(got, dict | list) or got is None and "input" not in err else (
+        f" (got {yaml.safe_dump(got, default_flow_style=True).strip().removesuffix('...').strip()})"
+    )
+    return f"{subject}: {rule}{shown}"
 
 
 def _fields_at(model: type[BaseModel], loc: Loc) -> list[str]:

@@ -123,13 +123,43 @@ def type_name(annotation: Any) -> str:
     return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
 
 
+BOUND_KINDS = (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤"))
+
+
+def option_bounds(info: Any) -> dict[str, Any]:
+    """The numeric bounds pydantic enforces on a field: ``{"gt": 0, "le": 1}``."""
+    bounds: dict[str, Any] = {}
+    for item in getattr(info, "metadata", []):
+        for kind, _ in BOUND_KINDS:
+            value = getattr(item, kind, None)
+            if value is not None:
+                bounds[kind] = value
+    return bounds
+
+
+def bounds_text(bounds: dict[str, Any]) -> str:
+    """``{"gt": 0, "le": 1}`` as ``0 < x ≤ 1``; one-sided as ``x ≥ 0``."""
+    low = next(((k, v) for k, v in bounds.items() if k in {"gt", "ge"}), None)
+    high = next(((k, v) for k, v in bounds.items() if k in {"lt", "le"}), None)
+    symbol = dict(BOUND_KINDS)
+    if low and high:
+        left = {"gt": "<", "ge": "≤"}[low[0]]
+        return f"{low[1]:g} {left} x {symbol[high[0]]} {high[1]:g}"
+    if low:
+        return f"x {symbol[low[0]]} {low[1]:g}"
+    if high:
+        return f"x {symbol[high[0]]} {high[1]:g}"
+    return ""
+
+
 def describe_options(options_model: type[BaseModel]) -> list[dict[str, Any]]:
-    """Each option of a pass / data source / backend: name, type, default, description
-    (``optcc passes``)."""
+    """Each option of a pass / data source / backend: name, type, bounds, default,
+    description (``optcc passes``)."""
     return [
         {
             "name": key,
             "type": type_name(info.annotation),
+            "bounds": option_bounds(info),
             "required": info.is_required(),
             "default": None if info.is_required() else info.get_default(call_default_factory=True),
             "description": info.description or "",
