@@ -170,6 +170,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         PASS_HEADERS,
         latency_rows,
         pass_rows,
+        summary_line,
+        warnings_of,
     )
 
     registry = get_registry()
@@ -186,17 +188,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     console = _console()
     console.print(_table("passes", PASS_HEADERS, pass_rows(report)))
     console.print(_table("latency", LATENCY_HEADERS, latency_rows(report)))
-    summary = report["summary"]
-    bits = []
-    if summary.get("params_ratio") is not None:
-        bits.append(f"params ×{summary['params_ratio']:.3f}")
-    if summary.get("speedup") is not None:
-        bits.append(f"speed-up ×{summary['speedup']:.2f}")
-    if summary.get("metric_delta") is not None:
-        bits.append(f"{report['metric']['name']} {100 * summary['metric_delta']:+.2f} pts")
-    console.print(_esc(", ".join(bits)))
-    console.print(_esc(f"wrote {result.output_dir} ({report['final']['artifact']['path']}, "
-                       "report.json, report.md)"))
+    console.print(_esc(summary_line(report)))
+    for warning in warnings_of(report):
+        _stderr_console().print(f"[yellow]warning:[/yellow] {_esc(warning)}")
+    files = report.get("files") or [report["final"]["artifact"]["path"], "report.json"]
+    console.print(_esc(f"wrote {result.output_dir}/: {', '.join(files)}"))
+    if "report.html" in files:
+        console.print(_esc(f"the full report: {result.output_dir / 'report.html'}"))
     return 0
 
 

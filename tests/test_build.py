@@ -67,7 +67,8 @@ def test_demo_build_report_and_artifact(tmp_path: Path, demo_copy: Path) -> None
     assert sha256(demo_copy) == before, "the input model must never be modified"
     out = tmp_path / "out"
     assert result.output_dir == out
-    assert sorted(p.name for p in out.iterdir()) == ["layers.png", "model.onnx", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.onnx", "plots", "report.html", "report.json", "report.md"]
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "ok" and report["schema"] == 1
     assert [p["name"] for p in report["passes"]] == ["fold-constants", "fold-batchnorm", "eliminate-dead-nodes"]
@@ -82,7 +83,7 @@ def test_demo_build_report_and_artifact(tmp_path: Path, demo_copy: Path) -> None
     assert report["final"]["latency"]["batch_size"] == 128
     assert len(report["layers"]["final"]) == 9
     md = (out / "report.md").read_text()
-    assert "| 2 | fold-batchnorm |" in md and "![per-layer statistics](layers.png)" in md
+    assert "| 2 | fold-batchnorm |" in md and "](plots/layers.png)" in md
     final = Model.load(out / "model.onnx")
     assert [h["pass"] for h in final.meta.history] == [
         "fold-constants", "fold-batchnorm", "eliminate-dead-nodes"]

@@ -81,3 +81,18 @@ def test_recalibrate_batchnorm_says_why_it_did_not_apply(conv_bn_path: Path) -> 
     never_had = recalibrate(folded.copy(), PassContext())
     assert not never_had.modified and "no BatchNormalization nodes" in never_had.reason
     assert "fold-batchnorm" not in never_had.reason
+
+
+def test_reported_build_time_includes_the_torch_export(tmp_path: Path) -> None:
+    (tmp_path / "slow.py").write_text(
+        "import time\nfrom optcc.demo.train import build_net\n\n"
+        "def make():\n    time.sleep(1.5)  # a factory that loads weights, say\n"
+        "    return build_net(4)\n"
+    )
+    recipe = write_recipe(tmp_path, (
+        "version: 1\nmodel:\n  torch: slow.py:make\n  exporter: legacy\n"
+        "  inputs: [{name: image, shape: [batch, 1, 8, 8]}]\n"
+        "target: {backend: onnxruntime, runs: 1, rounds: 1, warmup: 0}\noutput: out\n"
+    ))
+    report = build(recipe).report
+    assert report["seconds"] >= 1.5

@@ -96,8 +96,9 @@ class LatencyResult:
 
 @dataclass
 class Speedup:
-    """``before`` ÷ ``after`` latency: the ratio of the medians, the lowest and highest
-    per-round ratio, and whether the rounds agree well enough to trust it."""
+    """``before`` ÷ ``after`` latency: the median of the per-round ratios (rounds pair the
+    two models under the same load), the lowest and highest per-round ratio, and whether
+    the rounds agree well enough to trust it."""
 
     ratio: float
     low: float
@@ -129,11 +130,10 @@ class Speedup:
 def speedup_between(before: LatencyResult, after: LatencyResult) -> Speedup:
     """The speed-up from ``before`` to ``after``, with its per-round range (rounds are
     paired: round i of both was timed back to back)."""
-    ratio = before.median_ms / after.median_ms if after.median_ms else math.inf
     pairs = [b / a for b, a in zip(before.round_medians_ms, after.round_medians_ms, strict=False) if a]
     if not pairs:
-        pairs = [ratio]
-    return Speedup(ratio=ratio, low=min(pairs), high=max(pairs), rounds=len(pairs))
+        pairs = [before.median_ms / after.median_ms if after.median_ms else math.inf]
+    return Speedup(ratio=statistics.median(pairs), low=min(pairs), high=max(pairs), rounds=len(pairs))
 
 
 def _summarise(times: list[float], rounds: list[list[float]]) -> dict[str, Any]:
