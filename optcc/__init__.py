@@ -48,7 +48,9 @@ _EXPORTS = {
     "Capability": "optcc.passes",
     # data
     "Batch": "optcc.data",
+    "DataOptions": "optcc.data",
     "DataSource": "optcc.data",
+    "InputSpec": "optcc.data",
     # backends
     "Backend": "optcc.backends",
     "Artifact": "optcc.backends",

@@ -13,7 +13,9 @@ import datetime as dt
 import logging
 import os
 import shutil
+import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -361,3 +363,14 @@ def _park_failure(staging: Path, failed_dir: Path, report: dict[str, Any], exc: 
         logger.exception("could not keep the failed build's folder")
         shutil.rmtree(staging, ignore_errors=True)
 
+
+
+class _CallableModule(types.ModuleType):
+    """``optcc.build(recipe)`` is the public API, but importing this module (the CLI does)
+    makes ``optcc.build`` the module: so the module itself is callable, as the function."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> BuildResult:
+        return build(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
