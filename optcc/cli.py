@@ -12,7 +12,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -542,6 +542,48 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' layout and appends every option's default to its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.nargs == 0 and action.default is False:  # on/off flags
+            return f"{text} (default: off)"
+        if action.default is None:
+            return f"{text} (default: none)"
+        return f"{text} (default: %(default)s)"
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low} (got {value})")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _command(sub: Any, name: str, summary: str, description: str, examples: str) -> Any:
+    """A subcommand whose --help has a description and examples."""
+    import textwrap
+
+    return sub.add_parser(
+        name, help=summary, description=textwrap.fill(description, 88),
+        formatter_class=_HelpFormatter,
+        epilog="examples:\n" + "\n".join(f"  {line}" for line in examples.strip().splitlines()),
+    )
+
+
 def make_parser() -> argparse.ArgumentParser:
     from optcc import __version__
 
@@ -549,65 +591,121 @@ def make_parser() -> argparse.ArgumentParser:
         prog="optcc",
         description="Compress a neural network with a recipe of passes and lower it to ONNX "
         "Runtime or TensorRT.",
+        formatter_class=_HelpFormatter,
+        epilog="examples:\n  optcc build recipes/quickstart.yaml\n  optcc passes prune-channels\n"
+        "  optcc COMMAND --help     (every command's options, defaults and examples)",
     )
-    parser.add_argument("--version", action="version", version=f"optcc {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("--version", action="version", version=f"optcc {__version__}",
+                        help="print the version and exit")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output: -v info (exporter and library messages), -vv debug")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    json_help = "print the result as JSON on stdout (for scripts)"
 
-    p = sub.add_parser("build", help="run a recipe and write the output folder")
-    p.add_argument("recipe", help="recipe YAML file (or a recipe name a plugin ships)")
-    p.add_argument("-o", "--output", help="output folder (overrides the recipe's 'output')")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the output folder")
-    p.add_argument("--json", action="store_true", help="print report.json to stdout")
+    p = _command(sub, "build", "run a recipe and write the output folder",
+                 "Run a recipe: load the model, run its passes (each one verified), compile for "
+                 "the target, time original and final round-robin, and publish the output folder "
+                 "(model, report.html, report.md, report.json, plots/).",
+                 "optcc build recipes/quickstart.yaml\n"
+                 "optcc build recipe.yaml -o out/try2 --quiet\n"
+                 "optcc -v build recipe.yaml          (also show library messages)")
+    p.add_argument("recipe", help="recipe YAML file, or the name of a recipe a plugin ships")
+    p.add_argument("-o", "--output", metavar="DIR",
+                   help="output folder (default: the recipe's 'output', else out/<recipe name> "
+                   "beside the recipe)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress or tables; print only the output folder")
+    p.add_argument("--json", action="store_true", help="print report.json on stdout, no progress")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("validate", help="check a recipe without running it")
-    p.add_argument("recipe")
-    p.add_argument("--json", action="store_true")
+    p = _command(sub, "validate", "check a recipe without running it",
+                 "Check everything a build would check before doing any work: YAML, every "
+                 "pass, option, type and range, data sources, backend, and that each pass's "
+                 "needs (calibration or training data, torch, CUDA) are met.",
+                 "optcc validate recipes/quickstart.yaml\noptcc validate recipe.yaml --json")
+    p.add_argument("recipe", help="recipe YAML file, or the name of a recipe a plugin ships")
+    p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("passes", help="list passes (or data sources) and their options")
-    p.add_argument("name", nargs="?", help="show one pass")
-    p.add_argument("--data", action="store_true", help="list data sources instead")
-    p.add_argument("--json", action="store_true")
+    p = _command(sub, "passes", "list passes (or data sources) and their options",
+                 "List every pass (or data source) of every installed plugin with its options: "
+                 "type, bounds, default and meaning, plus the pass's tolerance and needs.",
+                 "optcc passes\noptcc passes quantize-int8\noptcc passes --data npz\n"
+                 "optcc passes --json")
+    p.add_argument("name", nargs="?", help="show only this pass (or data source)")
+    p.add_argument("--data", action="store_true", help="list data sources instead of passes")
+    p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_passes)
 
-    p = sub.add_parser("plugins", help="list plugins, their versions and load errors; backends")
-    p.add_argument("--json", action="store_true")
+    p = _command(sub, "plugins", "list plugins, their versions and load errors; backends",
+                 "List installed plugins (name, version, package, what they provide, load "
+                 "errors) and backends (available here or not, why, how to install). Exits 1 "
+                 "when a plugin failed to load.",
+                 "optcc plugins\noptcc plugins --json")
+    p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("inspect", help="ops, parameters, sparsity and INT8 coverage of a model")
-    p.add_argument("model")
+    p = _command(sub, "inspect", "ops, parameters, sparsity and INT8 coverage of a model",
+                 "Describe an ONNX model: op histogram, parameters, weight bytes, FLOPs per "
+                 "sample, per-layer shapes, sparsity and precision, and the passes optcc applied.",
+                 "optcc inspect out/quickstart/model.onnx\n"
+                 "optcc inspect bert.onnx --shape input_ids=1,128 --shape attention_mask=1,128")
+    p.add_argument("model", help="ONNX file")
     p.add_argument("--shape", action="append", metavar="NAME=D1,D2,...",
-                   help="concrete input shape for FLOPs (dynamic dims default to 1)")
-    p.add_argument("--json", action="store_true")
+                   help="concrete input shape for FLOPs; repeat per input (default: dynamic "
+                   "dimensions set to 1)")
+    p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("bench", help="measure a model's latency on a backend")
-    p.add_argument("model")
-    p.add_argument("--compare", nargs="+", metavar="MODEL", help="more models, same inputs")
+    p = _command(sub, "bench", "measure and compare models' latency on a backend",
+                 "Time one or more models on random inputs, round-robin: interleaved rounds, "
+                 "so that load from other processes hits every model alike. Reports median, "
+                 "p90 and the spread between rounds, and each model's speed-up over the first "
+                 "with its range across rounds.",
+                 "optcc bench model.onnx --threads 1 --batch-size 32\n"
+                 "optcc bench original.onnx --compare out/quickstart/model.onnx --threads 1\n"
+                 "optcc bench bert.onnx --dim sequence=128 --rounds 10")
+    p.add_argument("model", help="ONNX file (the reference for --compare)")
+    p.add_argument("--compare", nargs="+", metavar="MODEL",
+                   help="more models to time against the first, on the same inputs")
     p.add_argument("--force", action="store_true",
-                   help="compare models even when their inputs differ")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--backend", default="onnxruntime")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--runs", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
+                   help="compare models even when their inputs differ (each gets random inputs "
+                   "of its own shape)")
+    p.add_argument("--backend", default="onnxruntime", help="backend to time on")
+    p.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+                   help="samples per inference")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="intra-op threads (default: the runtime's choice, usually all cores)")
+    p.add_argument("--runs", type=_positive_int, default=30, metavar="N",
+                   help="timed runs per model, spread over the rounds")
+    p.add_argument("--rounds", type=_positive_int, default=5, metavar="N",
+                   help="interleaved timing rounds")
+    p.add_argument("--warmup", type=_non_negative_int, default=5, metavar="N",
+                   help="untimed runs per model before timing")
     p.add_argument("--dim", action="append", metavar="NAME=SIZE",
-                   help="size of a named dynamic dimension (e.g. sequence=128)")
-    p.add_argument("--json", action="store_true")
+                   help="size of a named dynamic dimension, e.g. sequence=128; repeatable "
+                   "(default: 1)")
+    p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("lint", help="check a Q/DQ model against TensorRT's quantization rules")
-    p.add_argument("model")
-    p.add_argument("--json", action="store_true")
+    p = _command(sub, "lint", "check a Q/DQ model against TensorRT's quantization rules",
+                 "Check any Q/DQ ONNX model against TensorRT's explicit-quantization rules. "
+                 "Prints one line per rule broken with the number of nodes and the first few; "
+                 "exits 1 when there are errors.",
+                 "optcc lint model_int8.onnx\noptcc lint model_int8.onnx --verbose\n"
+                 "optcc lint model_int8.onnx --json")
+    p.add_argument("model", help="ONNX file")
     p.add_argument("--verbose", "--all", dest="list_all", action="store_true",
                    help="one line per finding instead of one line per rule")
+    p.add_argument("--json", action="store_true", help="print every finding as JSON")
     p.set_defaults(func=cmd_lint)
 
-    p = sub.add_parser("schema", help="write the recipe JSON Schema (for editors)")
-    p.add_argument("-o", "--output", help="file to write (default: stdout)")
+    p = _command(sub, "schema", "write the recipe JSON Schema (for editors)",
+                 "Write a JSON Schema for recipes, covering the passes, data sources and "
+                 "backends of every installed plugin; yaml-language-server uses it for "
+                 "completion and checking.",
+                 "optcc schema -o recipe.schema.json\noptcc schema --builtin -o docs/recipe.schema.json")
+    p.add_argument("-o", "--output", metavar="FILE", help="file to write (default: stdout)")
     p.add_argument("--builtin", action="store_true",
                    help="optcc's own passes only, not those of other installed plugins")
     p.set_defaults(func=cmd_schema)

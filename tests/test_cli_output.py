@@ -65,3 +65,24 @@ def test_lint_groups_repeated_findings(tmp_path: Path, capsys) -> None:
     assert lines[1].startswith("    at ") and f"and {count - 3} more (--verbose lists all)" in lines[1]
     code, out, _ = run(capsys, "lint", str(path), "--verbose")
     assert out.count("[unsigned]") == count
+
+
+def test_every_flag_has_help_and_a_default_and_every_command_an_example() -> None:
+    import argparse
+
+    from optcc.cli import make_parser
+
+    parser = make_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) >= {"build", "validate", "passes", "plugins", "inspect",
+                                     "bench", "lint", "schema"}
+    for name, sub in {"optcc": parser, **commands.choices}.items():
+        text = sub.format_help()
+        assert "examples:\n  optcc " in text, f"optcc {name} --help has no example"
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            assert action.help, f"optcc {name}: {action.dest} has no help"
+            if action.option_strings and not isinstance(action, argparse._VersionAction):
+                shown = sub._get_formatter()._get_help_string(action)
+                assert "default" in shown, f"optcc {name} {action.option_strings[0]}: no default"
