@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -168,3 +170,41 @@ def test_random_source_fills_named_dims() -> None:
     batch = RandomSource(RandomOptions(samples=3, dims={"sequence": 16}), inputs=specs).first_batch()
     assert batch.inputs["ids"].shape == (3, 16) and batch.inputs["ids"].dtype == np.int64
     assert batch.inputs["x"].shape == (3, 4)
+
+
+def _sources(tmp_path: Path) -> list[Any]:
+    images = np.zeros((50, 1, 8, 8), np.float32)
+    np.savez(tmp_path / "d.npz", image=images, labels=np.zeros(50, np.int64))
+    (tmp_path / "f").mkdir()
+    np.save(tmp_path / "f" / "image.npy", images)
+    return [
+        DigitsSource(DigitsOptions(split="test", batch_size=64), inputs=IMAGE),
+        DigitsSource(DigitsOptions(split="train", batch_size=100, limit=333), inputs=IMAGE),
+        NpzSource(NpzOptions(path="d.npz", batch_size=7), inputs=IMAGE, base_dir=tmp_path),
+        NpzSource(NpzOptions(path="d.npz", batch_size=1, limit=3), inputs=IMAGE, base_dir=tmp_path),
+        NpyFolderSource(NpyFolderOptions(path="f", batch_size=16), inputs=IMAGE, base_dir=tmp_path),
+        RandomSource(RandomOptions(samples=5, batch_size=2), inputs=IMAGE),
+    ]
+
+
+def test_sources_know_how_many_batches_they_yield(tmp_path: Path) -> None:
+    expected = [7, 4, 8, 3, 4, 3]  # 397/64, 333/100, 50/7, limit 3 at batch 1, 50/16, 5/2
+    for source, want in zip(_sources(tmp_path), expected, strict=True):
+        stream = source.batches()
+        assert operator.length_hint(stream) == want == source.num_batches()
+        assert sum(1 for _ in stream) == want, source.describe()
+        assert operator.length_hint(stream) == 0
+
+
+def test_a_generator_source_has_no_total_but_streams(tmp_path: Path) -> None:
+    (tmp_path / "gen.py").write_text(
+        "import numpy as np\n"
+        "def make():\n"
+        "    for _ in range(3):\n"
+        "        yield {'image': np.zeros((4, 1, 8, 8), np.float32)}\n"
+    )
+    source = CallableSource(CallableOptions(function="gen.py:make", batch_size=4), inputs=IMAGE,
+                            base_dir=tmp_path)
+    stream = source.batches()
+    assert operator.length_hint(stream, -1) == -1 and source.num_batches() is None
+    assert stream and sum(1 for _ in stream) == 3  # still truthy: no __len__

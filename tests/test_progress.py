@@ -1,5 +1,5 @@
-"""Progress totals come from the data (sources know their sample counts and limits), and
-third-party output goes to the log instead of over the progress display."""
+"""Progress bars get their totals from the data (tests/test_data.py checks each source's
+count), and third-party output goes to the log instead of over the progress display."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 import operator
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,61 +15,12 @@ from conftest import DEMO_MODEL
 
 from optcc._thirdparty import captured_output
 from optcc.data.base import InputSpec
-from optcc.data.builtin import (
-    CallableOptions,
-    CallableSource,
-    DigitsOptions,
-    DigitsSource,
-    NpyFolderOptions,
-    NpyFolderSource,
-    NpzOptions,
-    NpzSource,
-    RandomOptions,
-    RandomSource,
-)
+from optcc.data.builtin import DigitsOptions, DigitsSource, RandomOptions, RandomSource
 from optcc.evaluate import Evaluator
 from optcc.ir import Model
 from optcc.passes.base import Progress
 
 IMAGE = [InputSpec("image", ("batch", 1, 8, 8), np.dtype(np.float32))]
-
-
-def _sources(tmp_path: Path) -> list[Any]:
-    images = np.zeros((50, 1, 8, 8), np.float32)
-    np.savez(tmp_path / "d.npz", image=images, labels=np.zeros(50, np.int64))
-    (tmp_path / "f").mkdir()
-    np.save(tmp_path / "f" / "image.npy", images)
-    return [
-        DigitsSource(DigitsOptions(split="test", batch_size=64), inputs=IMAGE),
-        DigitsSource(DigitsOptions(split="train", batch_size=100, limit=333), inputs=IMAGE),
-        NpzSource(NpzOptions(path="d.npz", batch_size=7), inputs=IMAGE, base_dir=tmp_path),
-        NpzSource(NpzOptions(path="d.npz", batch_size=1, limit=3), inputs=IMAGE, base_dir=tmp_path),
-        NpyFolderSource(NpyFolderOptions(path="f", batch_size=16), inputs=IMAGE, base_dir=tmp_path),
-        RandomSource(RandomOptions(samples=5, batch_size=2), inputs=IMAGE),
-    ]
-
-
-def test_sources_know_how_many_batches_they_yield(tmp_path: Path) -> None:
-    expected = [7, 4, 8, 3, 4, 3]  # 397/64, 333/100, 50/7, limit 3 at batch 1, 50/16, 5/2
-    for source, want in zip(_sources(tmp_path), expected, strict=True):
-        stream = source.batches()
-        assert operator.length_hint(stream) == want == source.num_batches()
-        assert sum(1 for _ in stream) == want, source.describe()
-        assert operator.length_hint(stream) == 0
-
-
-def test_a_generator_source_has_no_total_but_streams(tmp_path: Path) -> None:
-    (tmp_path / "gen.py").write_text(
-        "import numpy as np\n"
-        "def make():\n"
-        "    for _ in range(3):\n"
-        "        yield {'image': np.zeros((4, 1, 8, 8), np.float32)}\n"
-    )
-    source = CallableSource(CallableOptions(function="gen.py:make", batch_size=4), inputs=IMAGE,
-                            base_dir=tmp_path)
-    stream = source.batches()
-    assert operator.length_hint(stream, -1) == -1 and source.num_batches() is None
-    assert stream and sum(1 for _ in stream) == 3  # still truthy: no __len__
 
 
 class RecordingProgress(Progress):
