@@ -31,7 +31,8 @@ def compare_output(
     same_inf = np.isinf(ref) & (ref == got)
     agree_nonfinite = both_nan | same_inf
     finite = np.isfinite(ref) & np.isfinite(got)
-    error = np.where(finite, np.abs(got - ref), np.inf)
+    with np.errstate(invalid="ignore", over="ignore"):
+        error = np.where(finite, np.abs(got - ref), np.inf)
     error = np.where(agree_nonfinite, 0.0, error)
     allowed = atol + rtol * np.abs(np.where(np.isfinite(ref), ref, 0.0))
     bad = error > allowed
