@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import DEMO_MODEL, write_recipe
+from conftest import DEMO_MODEL, int8_demo_recipe, write_recipe
 from onnx import TensorProto, helper, numpy_helper
 
 import optcc
@@ -26,17 +26,7 @@ def ort_build(tmp_path_factory: pytest.TempPathFactory):
     from optcc.build import build
 
     folder = tmp_path_factory.mktemp("predict")
-    recipe = write_recipe(folder, f"""version: 1
-model: {DEMO_MODEL}
-target: {{backend: onnxruntime, batch_size: 16, runs: 2, warmup: 0}}
-data:
-  calibration: {{source: digits, split: train, batch_size: 64, limit: 128}}
-evaluate: none
-passes:
-  - fold-batchnorm
-  - quantize-int8: {{method: max}}
-output: out
-""")
+    recipe = write_recipe(folder, int8_demo_recipe("{backend: onnxruntime, batch_size: 16, runs: 2, warmup: 0}"))
     return build(recipe)
 
 

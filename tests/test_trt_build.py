@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import DEMO_MODEL, REPO, write_recipe
+from conftest import DEMO_MODEL, REPO, int8_demo_recipe, write_recipe
 from onnx import TensorProto, helper
 
 from optcc.backends.compare import compare_outputs
@@ -288,17 +288,7 @@ def test_output_comparison_names_the_output_that_differs() -> None:
 def test_tensorrt_build_of_the_demo_lowers_and_says_how_to_build(tmp_path: Path) -> None:
     from optcc.build import build
 
-    recipe = write_recipe(tmp_path, f"""version: 1
-model: {DEMO_MODEL}
-target: {{backend: tensorrt, batch_size: 64}}
-data:
-  calibration: {{source: digits, split: train, batch_size: 64, limit: 128}}
-evaluate: none
-passes:
-  - fold-batchnorm
-  - quantize-int8: {{method: max}}
-output: out
-""")
+    recipe = write_recipe(tmp_path, int8_demo_recipe("{backend: tensorrt, batch_size: 64}"))
     result = build(recipe)
     out, report = result.output_dir, result.report
     artifact = report["final"]["artifact"]
