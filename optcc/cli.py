@@ -1,4 +1,5 @@
-"""The ``optcc`` command line: build | validate | passes | plugins | inspect | bench | schema.
+"""The ``optcc`` command line: build | validate | passes | plugins | inspect | bench | lint |
+predict | triton | schema.
 
 A user mistake (any :class:`optcc.OptccError`) prints one ``error:`` line, maybe a
 ``hint:`` line, and exits with status 2; an interrupted build exits 130; anything else is
@@ -187,7 +188,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 0
     console = _console()
     console.print(_table("passes", PASS_HEADERS, pass_rows(report)))
-    console.print(_table("latency", LATENCY_HEADERS, latency_rows(report)))
+    if latency_rows(report):
+        console.print(_table("latency", LATENCY_HEADERS, latency_rows(report)))
     console.print(_esc(summary_line(report)))
     for warning in warnings_of(report):
         _stderr_console().print(f"[yellow]warning:[/yellow] {_esc(warning)}")
@@ -195,6 +197,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     console.print(_esc(f"wrote {result.output_dir}/: {', '.join(files)}"))
     if "report.html" in files:
         console.print(_esc(f"the full report: {result.output_dir / 'report.html'}"))
+    engine = (report["final"]["artifact"].get("info") or {}).get("engine")
+    if engine is not None and not engine.get("built"):
+        console.print(_esc(f"engine not built here ({engine['reason']}); to build it on a GPU "
+                           f"machine: bash {result.output_dir}/build_engine.sh, or python "
+                           f"{result.output_dir}/build_engine.py"))
     return 0
 
 
@@ -481,8 +488,10 @@ def cmd_lint(args: argparse.Namespace) -> int:
     from optcc.ir import Model
     from optcc.lint import lint_tensorrt
 
-    findings = lint_tensorrt(Model.load(args.model))
+    profiles = _lint_profiles(args)
+    findings = lint_tensorrt(Model.load(args.model), profiles=profiles)
     errors = sum(f.severity == "error" for f in findings)
+    warnings = sum(f.severity == "warning" for f in findings)
     if args.json:
         _print_json([f.to_dict() for f in findings])
     elif args.list_all:
@@ -492,8 +501,9 @@ def cmd_lint(args: argparse.Namespace) -> int:
         for line in _grouped_findings(findings):
             print(line)
     if not args.json:
-        print(f"{args.model}: {errors} error(s), {len(findings) - errors} warning(s) "
-              "against TensorRT's Q/DQ rules")
+        print(f"{args.model}: {errors} error(s), {warnings} warning(s), "
+              f"{len(findings) - errors - warnings} note(s) against TensorRT's ONNX parser "
+              "and Q/DQ rules")
     return 1 if errors else 0
 
 
@@ -506,7 +516,8 @@ def _grouped_findings(findings: list[Any]) -> list[str]:
     for finding in findings:
         groups.setdefault((finding.severity, finding.rule), []).append(finding)
     lines = []
-    for (severity, rule), group in sorted(groups.items(), key=lambda kv: kv[0][0] != "error"):
+    rank = {"error": 0, "warning": 1}
+    for (severity, rule), group in sorted(groups.items(), key=lambda kv: rank.get(kv[0][0], 2)):
         if len(group) == 1:
             lines.append(str(group[0]))
             continue
@@ -517,6 +528,87 @@ def _grouped_findings(findings: list[Any]) -> list[str]:
         where = nodes + (f" and {more} more (--verbose lists all)" if more > 0 else "")
         lines.append(f"{severity}: [{rule}] {len(group)} nodes: {message}\n    at {where}")
     return lines
+
+
+def _lint_profiles(args: argparse.Namespace) -> list[Any] | None:
+    """trtexec-style --min/--opt/--max-shapes (name:1x3x224x224,...) as profile entries."""
+    from optcc.backends.trt_build import ShapeProfile
+    from optcc.errors import OptccError
+
+    specs = {"min": args.min_shapes, "opt": args.opt_shapes, "max": args.max_shapes}
+    if not any(specs.values()):
+        return None
+    parsed: dict[str, dict[str, list[int]]] = {}
+    for which, text in specs.items():
+        for item in filter(None, (text or "").split(",")):
+            name, _, dims = item.rpartition(":")
+            try:
+                parsed.setdefault(name.strip("'"), {})[which] = [int(d) for d in dims.split("x")]
+            except ValueError as exc:
+                raise OptccError(f"--{which}-shapes '{item}': expected NAME:D1xD2x...") from exc
+    profiles = []
+    for name, shapes in parsed.items():
+        opt = shapes.get("opt") or shapes.get("max") or shapes.get("min")
+        profiles.append(ShapeProfile(name, shapes.get("min", opt), opt, shapes.get("max", opt)))
+    return profiles
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import os
+
+    import numpy as np
+
+    from optcc.errors import OptccError
+    from optcc.predict import load, load_npz
+
+    feeds = load_npz(args.input)
+    out = Path(args.output) if args.output else None
+    if out is not None:
+        if out.suffix != ".npz":
+            raise OptccError(f"-o {out}: the output file must end in .npz")
+        if out.exists() and not args.overwrite:
+            raise OptccError(f"{out} exists; it is left as it is", hint="pass --overwrite to replace it")
+        if not out.parent.is_dir():
+            raise OptccError(f"-o {out}: folder {out.parent} does not exist")
+    predictor = load(args.folder, backend=args.backend, batch_size=args.batch_size)
+    outputs = predictor.predict(feeds)
+    if out is not None:
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
+        try:
+            np.savez(tmp, **outputs)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    summary = {"backend": predictor.backend, "model": predictor.source,
+               "samples": int(next(iter(feeds.values())).shape[0]) if feeds else 0,
+               "outputs": {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in outputs.items()},
+               "written": str(out) if out else None}
+    if args.json:
+        _print_json(summary)
+    else:
+        shapes = ", ".join(f"{k}{v['shape']} {v['dtype']}" for k, v in summary["outputs"].items())
+        where = f"; wrote {out}" if out else ""
+        print(f"{summary['samples']} sample(s) on {predictor.backend}: {shapes}{where}")
+    return 0
+
+
+def cmd_triton(args: argparse.Namespace) -> int:
+    from optcc.triton import export_triton
+
+    result = export_triton(
+        args.folder, args.repository or Path(args.folder) / "triton", name=args.name,
+        backend=args.backend, max_batch_size=args.max_batch_size,
+        dynamic_batching=not args.no_dynamic_batching, instance_kind=args.kind,
+        instance_count=args.instances,
+    )
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"wrote {result['repository']}/{result['model']} ({result['platform']}, "
+              f"max_batch_size {result['max_batch_size']})")
+        for note in result["notes"]:
+            print(f"note: {note}")
+    return 0
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -688,17 +780,63 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_bench)
 
-    p = _command(sub, "lint", "check a Q/DQ model against TensorRT's quantization rules",
-                 "Check any Q/DQ ONNX model against TensorRT's explicit-quantization rules. "
-                 "Prints one line per rule broken with the number of nodes and the first few; "
-                 "exits 1 when there are errors.",
+    p = _command(sub, "lint", "check a model against TensorRT's ONNX parser and Q/DQ rules",
+                 "Check any ONNX model against TensorRT's ONNX parser and explicit-quantization "
+                 "rules. Prints one line per rule broken with the number of nodes and the first "
+                 "few; exits 1 when there are errors.",
                  "optcc lint model_int8.onnx\noptcc lint model_int8.onnx --verbose\n"
+                 "optcc lint model.onnx --min-shapes image:1x1x8x8 --max-shapes image:64x1x8x8\n"
                  "optcc lint model_int8.onnx --json")
     p.add_argument("model", help="ONNX file")
+    for which in ("min", "opt", "max"):
+        p.add_argument(f"--{which}-shapes", metavar="NAME:D1xD2,...",
+                       help=f"optimization profile {which} shapes, as trtexec takes them "
+                       "(default: none; profile checks are skipped)")
     p.add_argument("--verbose", "--all", dest="list_all", action="store_true",
                    help="one line per finding instead of one line per rule")
     p.add_argument("--json", action="store_true", help="print every finding as JSON")
     p.set_defaults(func=cmd_lint)
+
+    p = _command(sub, "predict", "run a build's artifact on inputs from an .npz file",
+                 "Load the artifact of an 'optcc build' output folder (ONNX Runtime model or "
+                 "TensorRT engine) and run it on the arrays of an .npz file, in batches.",
+                 "optcc predict out/quickstart -i images.npz -o outputs.npz\n"
+                 "optcc predict out/trt --backend onnxruntime -i images.npz --json")
+    p.add_argument("folder", help="the output folder of 'optcc build'")
+    p.add_argument("-i", "--input", required=True, metavar="NPZ",
+                   help=".npz with one array per model input (required)")
+    p.add_argument("-o", "--output", metavar="NPZ",
+                   help=".npz to write the outputs to (default: none; only a summary is printed)")
+    p.add_argument("--backend", help="run with this backend instead of the one that built it "
+                   "(e.g. onnxruntime for a TensorRT output on a machine without a GPU; "
+                   "default: the build's backend)")
+    p.add_argument("--batch-size", type=_positive_int, metavar="N",
+                   help="samples per run (default: from the build)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.set_defaults(func=cmd_predict)
+
+    p = _command(sub, "triton", "export a build as a Triton Inference Server model",
+                 "Write a Triton model repository entry (config.pbtxt and the model file) for "
+                 "the artifact of an 'optcc build' output folder.",
+                 "optcc triton out/quickstart\n"
+                 "optcc triton out/trt -r /models --name digits --max-batch-size 64")
+    p.add_argument("folder", help="the output folder of 'optcc build'")
+    p.add_argument("-r", "--repository", metavar="DIR",
+                   help="model repository folder (default: FOLDER/triton)")
+    p.add_argument("--name", help="model name (default: the recipe's name)")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"],
+                   help="artifact to serve (default: the engine if built, else the ONNX model)")
+    p.add_argument("--max-batch-size", type=_non_negative_int, metavar="N",
+                   help="Triton max_batch_size, 0 for no batching (default: from the build)")
+    p.add_argument("--no-dynamic-batching", action="store_true",
+                   help="do not enable Triton's dynamic batcher")
+    p.add_argument("--kind", choices=["gpu", "cpu"], help="instance kind (default: gpu, or cpu "
+                   "for an onnxruntime build)")
+    p.add_argument("--instances", type=_positive_int, default=1, metavar="N",
+                   help="instances per device")
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.set_defaults(func=cmd_triton)
 
     p = _command(sub, "schema", "write the recipe JSON Schema (for editors)",
                  "Write a JSON Schema for recipes, covering the passes, data sources and "

@@ -14,6 +14,12 @@ reports the spread between rounds. A speed-up whose per-round values disagree by
 gets this by implementing ``_open_runner`` (prepare once, return a function that runs one
 inference); one that implements only ``_measure_latency_impl`` is still timed in rounds,
 with a fresh measurement per round.
+
+Optional parts, with defaults here: ``check_model`` (fail before any pass on a model the
+backend cannot lower), ``can_measure`` (a backend may lower on a machine that cannot run
+the result, as TensorRT does without a GPU: the build then skips latency),
+``check_artifact`` (compare the artifact's outputs with ONNX Runtime's) and
+``load_predictor`` (what ``optcc.load`` returns for a folder this backend built).
 """
 
 from __future__ import annotations
@@ -312,3 +318,29 @@ class Backend:
         """Time ``options.runs`` runs after ``options.warmup`` untimed ones (for backends
         without ``_open_runner``)."""
         raise NotImplementedError
+
+    def can_measure(self) -> tuple[bool, str]:
+        """Whether this machine can run, and so time, what :meth:`compile` produces."""
+        return self.is_available()
+
+    def check_model(self, model: Model, feeds: dict[str, np.ndarray]) -> None:
+        """Raise a :class:`BackendError` now, before any pass runs, when ``model`` (the
+        input model; ``feeds`` its verification batch) cannot be lowered as configured."""
+
+    def check_artifact(
+        self, artifact: Artifact, model: Model, feeds: dict[str, np.ndarray]
+    ) -> dict[str, Any] | None:
+        """Compare the artifact's outputs with ONNX Runtime's on ``feeds``; None when the
+        artifact is the ONNX model itself or cannot run here. Goes into report.json."""
+        return None
+
+    @classmethod
+    def load_predictor(
+        cls, output_dir: Path, report: dict[str, Any], *, batch_size: int | None = None,
+        **options: Any,
+    ) -> Any:
+        """A :class:`optcc.predict.Predictor` for the artifact in ``output_dir`` (built by
+        this backend, or by another one when the user asked for this backend)."""
+        from optcc.errors import BackendError
+
+        raise BackendError(f"backend '{cls.name}' cannot load artifacts for prediction")

@@ -139,9 +139,50 @@ def latency_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def latency_table(report: dict[str, Any]) -> Table:
-    return Table(LATENCY_HEADERS, latency_rows(report),
-                 numeric=_numeric(LATENCY_HEADERS, "median ms", "p90 ms", "spread", "batch"))
+def latency_blocks(report: dict[str, Any]) -> list[Any]:
+    rows = latency_rows(report)
+    blocks: list[Any] = []
+    if rows:
+        blocks.append(Table(LATENCY_HEADERS, rows,
+                            numeric=_numeric(LATENCY_HEADERS, "median ms", "p90 ms", "spread",
+                                             "batch")))
+    not_measured = (report.get("final") or {}).get("latency_not_measured")
+    if not_measured:
+        blocks.append(Text(f"Not measured: {not_measured}."))
+    return blocks
+
+
+def engine_blocks(report: dict[str, Any]) -> list[Any]:
+    """The TensorRT engine: built or not (and how to build it), layer precisions, sparse
+    tactics, the comparison with ONNX Runtime, the lint summary."""
+    artifact = (report.get("final") or {}).get("artifact") or {}
+    info = artifact.get("info") or {}
+    engine = info.get("engine")
+    if engine is None:
+        return []
+    blocks: list[Any] = []
+    if not engine.get("built"):
+        blocks.append(Text(f"Engine not built here: {engine.get('reason')}. How to build it:"))
+        steps = engine.get("how_to_build") or []
+        blocks.append(KeyValues([(f"step {i}", step) for i, step in enumerate(steps, 1)]))
+    else:
+        items = [("TensorRT", f"{engine.get('tensorrt')}, {fmt_bytes(engine.get('engine_bytes'))}")]
+        layers = engine.get("layers") or {}
+        if layers:
+            counts = ", ".join(f"{k}: {v}" for k, v in layers.get("precision_counts", {}).items())
+            items.append(("layers by precision", counts))
+            items.append(("sparse tactics", ", ".join(layers.get("sparse_layers") or []) or "none"))
+        check = artifact.get("check")
+        if check:
+            verdict = "match" if check["passed"] else "differ: " + ", ".join(check["failed"])
+            items.append((f"outputs vs ONNX Runtime (atol {check['atol']}, rtol {check['rtol']})",
+                          verdict))
+        blocks.append(KeyValues(items))
+    lint = info.get("lint") or {}
+    if lint:
+        blocks.append(KeyValues([("TensorRT lint", f"{lint.get('errors', 0)} error(s), "
+                                  f"{lint.get('warnings', 0)} warning(s) (see report.json)")]))
+    return blocks
 
 
 def speedup_text(summary: dict[str, Any]) -> str | None:
@@ -340,10 +381,13 @@ def document(report: dict[str, Any], figures: set[str]) -> list[Section]:
     if "passes" in figures:
         passes.append(Figure("passes", "Metric and model size after each pass"))
     sections.append(Section("Passes", passes, anchor="passes"))
-    latency: list[Any] = [latency_table(report)]
+    latency = latency_blocks(report)
     if "latency" in figures:
         latency.append(Figure("latency", "Median latency of each interleaved round"))
     sections.append(Section("Latency", latency, anchor="latency"))
+    engine = engine_blocks(report)
+    if engine:
+        sections.append(Section("TensorRT engine", engine, anchor="engine"))
     layers = layer_table(report)
     if layers is not None:
         blocks: list[Any] = []
