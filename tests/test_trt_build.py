@@ -303,7 +303,8 @@ def test_tensorrt_build_of_the_demo_lowers_and_says_how_to_build(tmp_path: Path)
     assert artifact["info"]["build"]["profiles"] == [
         {"input": "image", "min": [1, 1, 8, 8], "opt": [64, 1, 8, 8], "max": [256, 1, 8, 8]}]
     markdown = (out / "report.md").read_text()
-    assert "**Engine not built here**" in markdown and "bash build_engine.sh" in markdown
+    assert "Engine not built here:" in markdown and "bash build_engine.sh" in markdown
+    assert "Engine not built here:" in (out / "report.html").read_text()
     assert not (out / "model.plan").exists()
     done = run_script(out / "build_engine.py", "--dry-run")
     assert done.returncode == 0, done.stderr

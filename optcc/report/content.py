@@ -42,6 +42,11 @@ class Text:
 
 
 @dataclass
+class Steps:
+    items: list[str]
+
+
+@dataclass
 class Figure:
     name: str  # a key of the plots dict: "layers", "passes", ...
     caption: str
@@ -164,7 +169,7 @@ def engine_blocks(report: dict[str, Any]) -> list[Any]:
     if not engine.get("built"):
         blocks.append(Text(f"Engine not built here: {engine.get('reason')}. How to build it:"))
         steps = engine.get("how_to_build") or []
-        blocks.append(KeyValues([(f"step {i}", step) for i, step in enumerate(steps, 1)]))
+        blocks.append(Steps(list(steps)))
     else:
         items = [("TensorRT", f"{engine.get('tensorrt')}, {fmt_bytes(engine.get('engine_bytes'))}")]
         layers = engine.get("layers") or {}

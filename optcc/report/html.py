@@ -10,6 +10,7 @@ from typing import Any
 from optcc.report.content import (
     Figure,
     KeyValues,
+    Steps,
     Table,
     Text,
     document,
@@ -112,10 +113,15 @@ def _block(block: Any, plots: dict[str, dict[str, Any]]) -> str:
     if isinstance(block, Table):
         return table(block)
     if isinstance(block, KeyValues):
-        items = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in block.items)
+        items = "".join(
+            f'<dt>{_e(k)}</dt><dd><a href="{_e(v)}">{_e(v)}</a></dd>' if k == "file"
+            else f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in block.items
+        )
         return f'<dl class="kv">{items}</dl>'
     if isinstance(block, Text):
         return f"<p>{_e(block.text)}</p>"
+    if isinstance(block, Steps):
+        return "<ol>" + "".join(f"<li>{_e(step)}</li>" for step in block.items) + "</ol>"
     if isinstance(block, Figure):
         svg = (plots.get(block.name) or {}).get("svg")
         if not svg:

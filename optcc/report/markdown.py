@@ -8,6 +8,7 @@ from optcc.report.content import (
     Figure,
     KeyValues,
     Section,
+    Steps,
     Table,
     Text,
     document,
@@ -39,6 +40,8 @@ def _block(block: Any, plots: dict[str, dict[str, Any]]) -> list[str]:
         return [f"- {key}: {value}" for key, value in block.items] + [""]
     if isinstance(block, Text):
         return [block.text, ""]
+    if isinstance(block, Steps):
+        return [f"{i}. {step}" for i, step in enumerate(block.items, 1)] + [""]
     if isinstance(block, Figure):
         png = (plots.get(block.name) or {}).get("png")
         return [f"![{block.caption}]({png})", ""] if png else []
