@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from optcc import __version__
+from optcc._logging import start_build_log
 from optcc.backends.base import LatencyResult, speedup_between
 from optcc.data.base import DataSource, InputSpec
 from optcc.errors import BuildInterrupted, DataError, OptccError, PassError, RecipeError
@@ -150,6 +151,7 @@ def build(
 ) -> BuildResult:
     """Run a recipe end to end and publish its output folder (see module docstring)."""
     started = time.perf_counter()  # the reported build time includes loading / torch export
+    build_log = start_build_log()  # INFO and up, library output included: build.log
     registry = registry or get_registry()
     plan = recipe if isinstance(recipe, Plan) else load_recipe(recipe, registry)
     progress = progress or Progress()
@@ -303,6 +305,7 @@ def build(
 
             options = triton.model_dump() if not isinstance(triton, bool) else {}
             report["triton"] = export_triton(staging, staging / "triton", report=report, **options)
+        (staging / "build.log").write_text("".join(f"{line}\n" for line in build_log))
         write_reports(report, staging)
         if int(os.environ.get("RANK", "0")) == 0:
             _publish(staging, out_dir)

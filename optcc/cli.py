@@ -75,7 +75,7 @@ def _setup_logging(verbose: int) -> None:
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     handler.setLevel(logging.WARNING - 10 * min(verbose, 2))
     root.addHandler(handler)
-    root.setLevel(min(root.level or logging.WARNING, handler.level))
+    root.setLevel(min(logging.INFO, handler.level))  # INFO is kept in the build's build.log
 
     def log_warning(message: Any, category: type[Warning], filename: str, lineno: int,
                     file: Any = None, line: str | None = None) -> None:

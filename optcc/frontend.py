@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from optcc._logging import captured_output
 from optcc._objects import load_object
-from optcc._thirdparty import captured_output
 from optcc.errors import ModelError, OptccError, first_line
 from optcc.ir.model import Model
 

@@ -68,7 +68,7 @@ def test_demo_build_report_and_artifact(tmp_path: Path, demo_copy: Path) -> None
     out = tmp_path / "out"
     assert result.output_dir == out
     assert sorted(p.name for p in out.iterdir()) == [
-        "model.onnx", "plots", "report.html", "report.json", "report.md"]
+        "build.log", "model.onnx", "plots", "report.html", "report.json", "report.md"]
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "ok" and report["schema"] == 1
     assert [p["name"] for p in report["passes"]] == ["fold-constants", "fold-batchnorm", "eliminate-dead-nodes"]

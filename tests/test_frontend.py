@@ -3,6 +3,7 @@ goes to the log, and a torch-module CNN recipe prunes, recalibrates BatchNorm an
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -96,3 +97,21 @@ def test_reported_build_time_includes_the_torch_export(tmp_path: Path) -> None:
     ))
     report = build(recipe).report
     assert report["seconds"] >= 1.5
+
+
+def test_exporter_output_lands_in_build_log_not_on_the_terminal(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from optcc.cli import main
+
+    recipe = write_recipe(tmp_path, (
+        "version: 1\nmodel:\n  torch: optcc.demo.train:build_net\n  kwargs: {width: 4}\n"
+        "  exporter: legacy\n  inputs: [{name: image, shape: [batch, 1, 8, 8]}]\n"
+        "target: {backend: onnxruntime, runs: 1, rounds: 1, warmup: 0}\noutput: out\n"
+    ))
+    assert main(["build", str(recipe), "--json"]) == 0
+    out, err = capfd.readouterr()
+    report = json.loads(out)  # nothing but the report on stdout
+    assert "build.log" in report["files"] and "DeprecationWarning" not in err
+    log = (tmp_path / "out" / "build.log").read_text()
+    assert "optcc.frontend: torch.onnx (legacy): DeprecationWarning" in log

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import DEMO_MODEL
 
-from optcc._thirdparty import captured_output
+from optcc._logging import captured_output
 from optcc.data.base import InputSpec
 from optcc.data.builtin import DigitsOptions, DigitsSource, RandomOptions, RandomSource
 from optcc.evaluate import Evaluator

@@ -48,3 +48,37 @@ def captured_output(logger: logging.Logger, label: str, level: int = logging.INF
         for line in buffer.getvalue().splitlines():
             if line.strip():
                 logger.log(level, "%s: %s", label, line.rstrip())
+
+
+class _BuildLogHandler(logging.Handler):
+    """Root handler (installed once) that copies records into the running build's log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                            "%H:%M:%S"))
+        self.lines: list[str] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.lines is not None and len(self.lines) < MAX_BUILD_LOG_LINES:
+            try:
+                self.lines.append(self.format(record))
+            except Exception:
+                self.handleError(record)
+
+
+MAX_BUILD_LOG_LINES = 100_000
+_BUILD_LOG = _BuildLogHandler()
+
+
+def start_build_log() -> list[str]:
+    """Start collecting INFO and higher records (optcc's own, and the library output that
+    :func:`captured_output` routed into the log) for a build's ``build.log``; returns the
+    list the lines go into. A new build starts a new list. Records below the loggers'
+    configured levels never reach it: the CLI sets INFO; a library user's configuration
+    decides."""
+    root = logging.getLogger()
+    if _BUILD_LOG not in root.handlers:
+        root.addHandler(_BUILD_LOG)
+    _BUILD_LOG.lines = []
+    return _BUILD_LOG.lines
