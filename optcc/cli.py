@@ -103,6 +103,9 @@ def _esc(text: Any) -> str:
     return escape(str(text))
 
 
+_PROGRESS_LOG = logging.getLogger("optcc.progress")
+
+
 class RichProgress:
     """Progress on stderr for long steps (passes, evaluation, latency): a bar with a total
     and time left where the count is known (explicitly, or from the iterable's length hint,
@@ -116,13 +119,14 @@ class RichProgress:
     def track(
         self, iterable: Iterable[T], *, description: str, total: int | None = None
     ) -> Iterator[T]:
-        if not self.enabled:
-            yield from iterable
-            return
         import operator
 
         if total is None:
             total = operator.length_hint(iterable) or None
+        _PROGRESS_LOG.info("%s%s", description, f" ({total} steps)" if total else "")
+        if not self.enabled:
+            yield from iterable
+            return
         if not self.interactive:  # logs: one line per step, no redrawn bars
             count = f" ({total} steps)" if total else ""
             self.console.print(f"[dim]• {_esc(description)}{count}[/dim]")
@@ -146,6 +150,7 @@ class RichProgress:
             yield from bar.track(iterable, total=total, description=description)
 
     def status(self, message: str) -> None:
+        _PROGRESS_LOG.info("%s", message)
         if self.enabled:
             self.console.print(f"[dim]• {_esc(message)}[/dim]")
 

@@ -133,17 +133,21 @@ class PassResult:
 
 
 class Progress:
-    """Where long steps report progress. The CLI installs a rich progress bar; the default
-    logs at DEBUG level and otherwise stays silent (library code never prints)."""
+    """Where long steps report progress. The CLI installs a rich progress bar; this default
+    logs each step at INFO level (so it lands in the build's ``build.log``) and otherwise
+    stays silent (library code never prints)."""
 
     def track(
         self, iterable: Iterable[T], *, description: str, total: int | None = None
     ) -> Iterator[T]:
-        logger.debug("%s", description)
+        import operator
+
+        total = total if total is not None else operator.length_hint(iterable) or None
+        logger.info("%s%s", description, f" ({total} steps)" if total else "")
         yield from iterable
 
     def status(self, message: str) -> None:
-        logger.debug("%s", message)
+        logger.info("%s", message)
 
 
 @dataclass
