@@ -345,9 +345,14 @@ def repair(dest: Path) -> str | None:
             os.replace(backup, dest)
             done = "the previous build was restored"
         shutil.rmtree(staging, ignore_errors=True)
-    else:  # committed: the new build is in place, only the clean-up was left
+    elif dest.exists():  # committed: the new build is in place, only the clean-up was left
         done = "the new build was already in place; its clean-up was finished"
         shutil.rmtree(backup, ignore_errors=True)
+    elif backup.exists():  # neither the new nor the old build in place: the old comes back
+        os.replace(backup, dest)
+        done = "the previous build was restored"
+    else:
+        done = "nothing was left to restore"
     journal.unlink()
     _fsync_dir(dest.parent)
     logger.warning("repaired %s after an interrupted publish: %s", dest, done)
@@ -467,8 +472,10 @@ class OutputFolder:
         self._created = missing
         if self.publishing:
             self._take_lock()
+            # Both journals first: a staging folder a journal names is not stale yet.
             for dest in (self.path, self.failed):
                 self._guard(repair, dest, "repairing an interrupted publish of")
+            for dest in (self.path, self.failed):
                 self._guard(remove_stale, dest, "removing what dead builds left beside")
         problems = self.problems()
         if problems:
@@ -476,12 +483,14 @@ class OutputFolder:
         self._mkdirs(self.staging)
         self._owner = FileLock(self.staging / OWNER)
         self._owner.acquire()
-        if self.publishing and not self.cache.exists():
+        if self.publishing:
             self._guard(self._make_cache, self.cache, "creating")
 
     def _make_cache(self, folder: Path) -> None:
-        folder.mkdir()
-        write_marker(folder, "cache")
+        """Create (or adopt, when it is an empty folder) the cache, with its marker."""
+        folder.mkdir(exist_ok=True)
+        if read_marker(folder) is None:
+            write_marker(folder, "cache")
 
     def _take_lock(self) -> None:
         try:
@@ -496,10 +505,11 @@ class OutputFolder:
 
     def _mkdirs(self, folder: Path) -> None:
         try:
+            if folder == self.staging and folder.is_dir() and not folder.is_symlink():
+                shutil.rmtree(folder)  # our own name: a dead process had our PID
             folder.mkdir(parents=True, exist_ok=folder != self.staging)
-        except FileExistsError:
-            shutil.rmtree(folder)  # our own name: a previous process with our PID died
-            folder.mkdir()
+        except FileExistsError as exc:
+            raise OutputError(f"{exc.filename or folder} exists and is not a folder") from exc
         except OSError as exc:
             raise self._environment(exc, "creating the folder") from exc
 

@@ -354,3 +354,17 @@ def test_nothing_optcc_did_not_write_is_ever_lost(tmp_path_factory, files, liste
         assert not files or (marked and files <= listed)
         assert (out / "model.onnx").read_text() == "new"
         assert sorted(p.name for p in root.iterdir()) == ["out"]
+
+
+def test_a_publish_of_the_failed_folder_cut_short_is_repaired_too(tmp_path: Path) -> None:
+    """A crash while parking a failure (its staging folder is named after OUT, not after
+    OUT.failed): the staging folder is not taken for stale before its journal is read."""
+    out = tmp_path / "out"
+    failed = make_build(tmp_path / "out.failed", "old failure", kind="failed")
+    staging = make_build(sibling(out, "staging-4242"), "new failure", kind="failed")
+    backup = sibling(failed, "old-4242")
+    sibling(failed, "journal").write_text(json.dumps({"staging": staging.name, "backup": backup.name}))
+    os.replace(failed, backup)
+    with OutputFolder(out):
+        assert (failed / "model.onnx").read_text() == "old failure"
+    assert siblings(out) == ["out.failed"]

@@ -237,7 +237,7 @@ class CallableSource(DataSource):
 
 
 class RandomOptions(DataOptions):
-    samples: int = Field(64, ge=1, description="How many random samples.")
+    samples: int = Field(64, ge=1, le=10_000_000, description="How many random samples.")
     seed: int = Field(0, ge=0, description="Random seed.")
     dims: dict[str, int] = Field(
         default_factory=dict,
