@@ -87,13 +87,15 @@ class _Located:
             raise self.at(node, f"YAML tag '{node.tag}' is not allowed in a recipe")
         self.values += 1
         if self.values > MAX_VALUES or len(path) > MAX_DEPTH:
-            aliased = id(node) in self.seen
-            raise self.at(
-                node,
+            # Aliases share nodes, so the node's own mark may be far from the cause: point at
+            # the top-level key whose value grew too big or too deep.
+            line, col = self.key_marks.get(path[:1], (node.start_mark.line + 1, node.start_mark.column + 1))
+            raise RecipeError(
                 f"the recipe expands to more than {MAX_VALUES:,} values"
                 if self.values > MAX_VALUES else f"the recipe nests deeper than {MAX_DEPTH} levels",
-                hint="YAML aliases (*name) repeat what they name; a recipe never needs this "
-                "much" if aliased or self.values > MAX_VALUES else None,
+                file=self.file, line=line, col=col,
+                hint="YAML aliases (*name) repeat what they name; a recipe never needs this much"
+                if id(node) in self.seen or self.values > MAX_VALUES else None,
             )
         self.seen.add(id(node))
         self.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
