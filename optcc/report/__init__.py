@@ -51,12 +51,14 @@ def write_reports(report: dict[str, Any], folder: Path) -> list[str]:
     """Write the plots, ``report.json``, ``report.md`` and ``report.html`` into ``folder``.
 
     ``report["files"]`` becomes the list of every file in the folder once these are
-    written (relative POSIX paths), which is also returned."""
+    written (relative POSIX paths; optcc's hidden ``.optcc-*`` bookkeeping files are not
+    listed), which is also returned."""
     from optcc.report import html, markdown, plots
 
     drawn = plots.draw(report, folder)
     written = {entry["png"] for entry in drawn.values() if entry.get("png")} | set(REPORT_FILES)
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*")
+               if p.is_file() and not p.name.startswith(".optcc-")}  # not optcc's bookkeeping
     report["files"] = sorted(present | written, key=_file_order)
     (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (folder / "report.md").write_text(markdown.render(report, drawn))
