@@ -161,13 +161,17 @@ def bounds_text(bounds: dict[str, Any]) -> str:
     low = next(((k, v) for k, v in bounds.items() if k in {"gt", "ge"}), None)
     high = next(((k, v) for k, v in bounds.items() if k in {"lt", "le"}), None)
     symbol = dict(BOUND_KINDS)
+
+    def num(value: Any) -> str:
+        return f"{value:,}" if isinstance(value, int) else f"{value:g}"
+
     if low and high:
         left = {"gt": "<", "ge": "≤"}[low[0]]
-        return f"{low[1]:g} {left} x {symbol[high[0]]} {high[1]:g}"
+        return f"{num(low[1])} {left} x {symbol[high[0]]} {num(high[1])}"
     if low:
-        return f"x {symbol[low[0]]} {low[1]:g}"
+        return f"x {symbol[low[0]]} {num(low[1])}"
     if high:
-        return f"x {symbol[high[0]]} {high[1]:g}"
+        return f"x {symbol[high[0]]} {num(high[1])}"
     return ""
 
 
