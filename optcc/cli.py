@@ -711,6 +711,7 @@ def make_parser() -> argparse.ArgumentParser:
                         help="more log output: -v info (exporter and library messages), -vv debug")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     json_help = "print the result as JSON on stdout (for scripts)"
+    recipe_help = "recipe YAML file, or the name of a recipe a plugin ships"
 
     p = _command(sub, "build", "run a recipe and write the output folder",
                  "Run a recipe: load the model, run its passes (each one verified), compile for "
@@ -719,7 +720,7 @@ def make_parser() -> argparse.ArgumentParser:
                  "optcc build recipes/quickstart.yaml\n"
                  "optcc build recipe.yaml -o out/try2 --quiet\n"
                  "optcc -v build recipe.yaml          (also show library messages)")
-    p.add_argument("recipe", help="recipe YAML file, or the name of a recipe a plugin ships")
+    p.add_argument("recipe", help=recipe_help)
     p.add_argument("-o", "--output", metavar="DIR",
                    help="output folder (default: the recipe's 'output', else out/<recipe name> "
                    "beside the recipe)")
@@ -737,7 +738,7 @@ def make_parser() -> argparse.ArgumentParser:
                  "not run.",
                  "optcc validate recipes/quickstart.yaml\noptcc validate recipe.yaml -o out/try2\n"
                  "optcc validate recipe.yaml --json")
-    p.add_argument("recipe", help="recipe YAML file, or the name of a recipe a plugin ships")
+    p.add_argument("recipe", help=recipe_help)
     p.add_argument("-o", "--output", metavar="DIR",
                    help="the output folder a build would use, as for build (default: the "
                    "recipe's 'output')")

@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from optcc.report.content import (
-    Figure,
-    KeyValues,
-    Section,
-    Steps,
-    Table,
-    Text,
-    document,
-    summary_items,
-    warnings_of,
-)
+from optcc.report import content
+from optcc.report.content import Table
 
 
 def _cell(text: str) -> str:
@@ -36,13 +27,13 @@ def table(t: Table) -> list[str]:
 def _block(block: Any, plots: dict[str, dict[str, Any]]) -> list[str]:
     if isinstance(block, Table):
         return table(block)
-    if isinstance(block, KeyValues):
+    if isinstance(block, content.KeyValues):
         return [f"- {key}: {value}" for key, value in block.items] + [""]
-    if isinstance(block, Text):
+    if isinstance(block, content.Text):
         return [block.text, ""]
-    if isinstance(block, Steps):
+    if isinstance(block, content.Steps):
         return [f"{i}. {step}" for i, step in enumerate(block.items, 1)] + [""]
-    if isinstance(block, Figure):
+    if isinstance(block, content.Figure):
         png = (plots.get(block.name) or {}).get("png")
         return [f"![{block.caption}]({png})", ""] if png else []
     raise TypeError(type(block).__name__)
@@ -50,14 +41,14 @@ def _block(block: Any, plots: dict[str, dict[str, Any]]) -> list[str]:
 
 def render(report: dict[str, Any], plots: dict[str, dict[str, Any]]) -> str:
     out = [f"# optcc build report: {report['recipe']['name']}", ""]
-    items = summary_items(report)
+    items = content.summary_items(report)
     if items:
         out += table(Table(["", *[label for label, _, _ in items]],
                            [["change", *[head for _, head, _ in items]],
                             ["", *[detail for _, _, detail in items]]]))
-    for warning in warnings_of(report):
+    for warning in content.warnings_of(report):
         out += [f"> **Warning:** {warning}", ""]
-    sections: list[Section] = document(report, set(plots))
+    sections: list[content.Section] = content.document(report, set(plots))
     in_details = False
     for section in sections:
         if section.details and not in_details:
