@@ -87,3 +87,19 @@ def test_every_flag_has_help_and_a_default_and_every_command_an_example() -> Non
             if action.option_strings and not isinstance(action, argparse._VersionAction):
                 shown = sub._get_formatter()._get_help_string(action)
                 assert "default" in shown, f"optcc {name} {action.option_strings[0]}: no default"
+
+
+def test_tolerance_override_on_a_lossy_pass_is_enforced_and_named(tmp_path: Path, capsys) -> None:
+    from conftest import write_recipe
+
+    recipe = write_recipe(tmp_path, (
+        f"version: 1\nmodel: {DEMO_MODEL}\ntarget: {{runs: 1, rounds: 1, warmup: 0}}\n"
+        "passes:\n  - prune-channels: {ratio: 0.25, tolerance: {atol: 0.001}}\noutput: out\n"
+    ))
+    code, _, err = run(capsys, "build", str(recipe), "--quiet")
+    lines = err.splitlines()
+    assert code == EXIT_USER_ERROR
+    assert lines[0].startswith("error: pass #1 'prune-channels' (plugin 'pruning'): changed the "
+                               "outputs by up to ")
+    assert lines[0].endswith("the recipe's tolerance is atol=0.001, rtol=0")
+    assert lines[1].startswith("hint: loosen or remove this pass's 'tolerance:' in the recipe")

@@ -243,8 +243,12 @@ class PassManager:
                 item,
                 ToleranceError(
                     f"changed the outputs by up to {diff:.3g} (output scale {scale:.3g}); "
-                    f"declared tolerance is {tolerance.describe()}",
-                    hint="a lossless pass should not change outputs; override with "
+                    + (f"the recipe's tolerance is {tolerance.describe()}"
+                       if p.options.tolerance is not None
+                       else f"declared tolerance is {tolerance.describe()}"),
+                    hint="loosen or remove this pass's 'tolerance:' in the recipe"
+                    if p.options.tolerance is not None
+                    else "a lossless pass should not change outputs; override with "
                     "'tolerance: {atol: ..., rtol: ...}' only if this is expected",
                     **common,
                 ),
