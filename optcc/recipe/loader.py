@@ -363,6 +363,8 @@ def value_error_message(what: str, loc: Loc, err: Any) -> str:
             limit, int | float) else f"must be {_BOUND_WORDS[kind_of_error]} {limit}"
     elif kind_of_error == "int_from_float":
         rule = "must be a whole number"
+    elif kind_of_error == "finite_number":
+        rule = "must be a finite number"
     elif kind_of_error.endswith(("_parsing", "_type")) and base in _TYPE_WORDS:
         rule = f"must be {_TYPE_WORDS[base]}"
     elif kind_of_error in {"literal_error", "enum"}:
