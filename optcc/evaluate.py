@@ -3,7 +3,7 @@ original model.
 
 Agreement is the mean, over samples, of the cosine similarity between the *centred*
 outputs (each output vector minus its mean) of the model and of the original: plain cosine
-hides damage, because two different inputs already score near 1 on many nets (FACTS.md).
+hides damage, because two different inputs already score near 1 on many nets.
 For 2-D outputs the share of samples whose argmax matches is reported too.
 """
 

@@ -2,7 +2,7 @@
 
 Run after every pass. Stale ``value_info`` entries (shapes recorded before a pass changed
 channel counts) are dropped first and re-inferred: otherwise the checker rejects an edited
-graph that is in fact valid (see FACTS.md).
+graph that is in fact valid.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ One calibration serves two formats:
   output of a quantized layer gets Q/DQ on its other inputs too, so TensorRT can fuse
   conv + add and keep the sum in INT8.
 - **onnxruntime**: unsigned 8-bit asymmetric activations and signed per-channel weights,
-  the only pair ONNX Runtime's x86 kernels run fast (FACTS.md: 3.2× vs none for signed).
+  the only pair ONNX Runtime's x86 kernels run fast (measured on a ResNet-18: 3.2× faster
+  than fp32, where signed activations gave no gain).
   Nodes are placed by ONNX Runtime's own QDQ quantizer, so its fusions (QLinearConv,
   QLinearMatMul, Relu removal) match; optcc supplies the ranges from its own calibration
   and decides which layers to quantize.
@@ -232,7 +233,7 @@ def quantize_onnxruntime(
     their inputs are already INT8 (:func:`int8_followers`). Outputs are quantized only
     for the op types in ``quantized_outputs`` (Conv by default: QLinearConv needs it); a
     MatMul/Gemm output left in float still runs as an integer matmul
-    (MatMulIntegerToFloat) and keeps encoders accurate (FACTS.md: 0.94 → 0.98 cosine).
+    (MatMulIntegerToFloat) and keeps encoders accurate (on a real encoder: cosine to fp32 0.94 → 0.98).
     """
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
