@@ -244,6 +244,8 @@ def build(
         )
         report["passes"] = manager.records  # filled as passes finish, kept on failure
         final, records = manager.run(original, ctx)
+        if manager.batch_checks is not None:
+            report["verification"]["batch_checks"] = manager.batch_checks.summary()
 
         progress.status(f"compiling for {backend.name}")
         artifact = backend.compile(final, staging)

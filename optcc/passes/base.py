@@ -197,6 +197,14 @@ class Pass:
         Override when an option adds a need (an accuracy budget needs evaluation data)."""
         return frozenset(cls.requires)
 
+    @classmethod
+    def couples_samples(cls, options: PassOptions) -> bool:
+        """Whether the pass, with these options, makes a sample's output depend on the other
+        samples in its batch by design (dynamic quantization: one scale per batch). The pass
+        manager checks that every pass keeps samples independent unless it says so here;
+        see :mod:`optcc.passes.batch`. Default: False."""
+        return False
+
     @property
     def effective_tolerance(self) -> Tolerance:
         """The declared tolerance, or the recipe's override of it."""
