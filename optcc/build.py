@@ -75,7 +75,7 @@ def verification_feeds(
     random = RandomSource(
         RandomOptions(samples=size, seed=plan.recipe.seed), inputs=specs, role="verification"
     )
-    return random.first_batch(size).inputs, "random"
+    return random.first_batch(size).inputs, random.describe()
 
 
 def _publish(staging: Path, output: Path) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from optcc.data.base import InputSpec
 from optcc.errors import ModelError, first_line
+from optcc.ir.indices import index_ranges
 from optcc.ir.model import Model
 
 logger = logging.getLogger(__name__)
@@ -90,8 +91,10 @@ class OrtRunner:
                 self.session = ort.InferenceSession(payload, options, providers=PROVIDERS)
         except Exception as exc:
             raise ModelError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc
+        ranges = {} if isinstance(model, str) else index_ranges(model)
         self.input_specs = [
-            InputSpec(i.name, tuple(i.shape), np.dtype(_ORT_TYPES.get(i.type, np.float32)))
+            InputSpec(i.name, tuple(i.shape), np.dtype(_ORT_TYPES.get(i.type, np.float32)),
+                      *((ranges[i.name].limit, ranges[i.name].table) if i.name in ranges else ()))
             for i in self.session.get_inputs()
         ]
         self.output_names = [o.name for o in self.session.get_outputs()]
