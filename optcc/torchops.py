@@ -467,14 +467,15 @@ class OnnxOps:
         fill = np.asarray(value.values).reshape(-1)[0] if value is not None else np.float32(0)
         return torch.full(_ints(shape), fill.item(), dtype=torch.from_numpy(np.zeros(0, fill.dtype)).dtype)
 
-    def _reduce(self, node: gs.Node, x: Any, axes: Any, fn: Any) -> Any:
+    def _reduce(self, node: gs.Node, x: Any, axes: Any, fn: Any, each: Any = None) -> Any:
         """Reduce over ``axes``: an input from opset 18 (13 for ReduceSum), an attribute
-        before. No axes means all of them, or nothing with ``noop_with_empty_axes``."""
+        before. No axes means all of them; with ``noop_with_empty_axes`` nothing is reduced
+        and only the element-wise part (``each``: |x|, x², log) applies."""
         axes_l = _ints(axes) if axes is not None else list(node.attrs.get("axes") or [])
         keep = bool(node.attrs.get("keepdims", 1))
         if not axes_l:
             if int(node.attrs.get("noop_with_empty_axes", 0)):
-                return x
+                return x if each is None else each(x)
             axes_l = list(range(x.ndim))
         dims = tuple(sorted(a + x.ndim if a < 0 else a for a in axes_l))
         if x.ndim == 0:
@@ -501,18 +502,21 @@ class OnnxOps:
         return self._reduce(node, x, axes, prod)
 
     def op_ReduceL1(self, node: gs.Node, x: Any, axes: Any = None) -> Any:
-        return self._reduce(node, x, axes, lambda x, dims, keep: torch.sum(torch.abs(x), dim=dims, keepdim=keep))
+        return self._reduce(node, x, axes, lambda x, dims, keep: torch.sum(torch.abs(x), dim=dims, keepdim=keep),
+                            torch.abs)
 
     def op_ReduceL2(self, node: gs.Node, x: Any, axes: Any = None) -> Any:
         # vector_norm's gradient at an all-zero slice is 0, not NaN (F.normalize of zeros).
         return self._reduce(node, x, axes, lambda x, dims, keep: torch.linalg.vector_norm(
-            x, 2, dim=dims, keepdim=keep))
+            x, 2, dim=dims, keepdim=keep), torch.abs)
 
     def op_ReduceSumSquare(self, node: gs.Node, x: Any, axes: Any = None) -> Any:
-        return self._reduce(node, x, axes, lambda x, dims, keep: torch.sum(x * x, dim=dims, keepdim=keep))
+        return self._reduce(node, x, axes, lambda x, dims, keep: torch.sum(x * x, dim=dims, keepdim=keep),
+                            lambda x: x * x)
 
     def op_ReduceLogSum(self, node: gs.Node, x: Any, axes: Any = None) -> Any:
-        return self._reduce(node, x, axes, lambda x, dims, keep: torch.log(torch.sum(x, dim=dims, keepdim=keep)))
+        return self._reduce(node, x, axes, lambda x, dims, keep: torch.log(torch.sum(x, dim=dims, keepdim=keep)),
+                            torch.log)
 
     def op_ReduceLogSumExp(self, node: gs.Node, x: Any, axes: Any = None) -> Any:
         return self._reduce(node, x, axes, lambda x, dims, keep: torch.logsumexp(x, dim=dims, keepdim=keep))
@@ -651,7 +655,8 @@ class OnnxOps:
             out = table.index_put((rows,), values, accumulate=True)
         else:
             how = {"mul": "prod", "max": "amax", "min": "amin"}[reduction]
-            out = table.index_reduce(0, rows, values, how, include_self=True)
+            index = rows.reshape(-1, *[1] * (values.ndim - 1)).expand_as(values)
+            out = table.scatter_reduce(0, index, values, how, include_self=True)
         return out.reshape(data.shape)
 
     def op_ScatterElements(self, node: gs.Node, data: Any, indices: Any, updates: Any) -> Any:
