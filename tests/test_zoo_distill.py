@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 
 from optcc_plugins.distillation import DistillPass  # noqa: E402
 from optcc_plugins.pruning import StructuredPruningPass  # noqa: E402
+
 zoo = pytest.importorskip("zoo")  # tests/zoo.py: the pruning stream's model zoo
 EXPORTERS, NAMES, export, spec = zoo.EXPORTERS, zoo.NAMES, zoo.export, zoo.spec
 
