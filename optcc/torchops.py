@@ -749,7 +749,7 @@ class OnnxOps:
         q_len, kv_len = scores.shape[-2:]
         bias = torch.zeros((q_len, kv_len), dtype=scores.dtype)
         if int(attrs.get("is_causal", 0)):
-            offset = kv_len - q_len if past_key is not None else 0
+            offset = past_key.shape[2] if past_key is not None else 0
             allowed = torch.ones(q_len, kv_len, dtype=torch.bool).tril(offset)
             bias = bias.masked_fill(~allowed, -math.inf)
         if mask is not None:
@@ -764,8 +764,10 @@ class OnnxOps:
         softcap = float(attrs.get("softcap", 0.0))
         if softcap > 0:
             scores = softcap * torch.tanh(scores / softcap)
-        probs = torch.softmax(scores, dim=-1)
-        probs = torch.nan_to_num(probs, nan=0.0)  # a fully masked row attends to nothing
+        # A fully masked row attends to nothing (zeros, as ONNX), without NaN in the
+        # forward or backward pass.
+        dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
+        probs = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
         y = torch.matmul(probs, v)
         if three_d:
             y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
