@@ -18,8 +18,9 @@ the parameters hold, same graph, same names.
 - **BatchNorm.** Frozen by default (running statistics used, not trained); with
   ``update_batchnorm`` and the module in training mode, batch statistics normalise and the
   running statistics follow them, and are written back.
-- **Unsupported ops** raise :class:`optcc.ModelError` naming the op and the node, before any
-  training starts.
+- **Operators** are the ``op_<OpType>`` methods of :class:`optcc.torchops.OnnxOps`, which
+  this module mixes in. Unsupported ops raise :class:`optcc.ModelError` naming the op and
+  the node, before any training starts.
 
 Why not onnx2torch: it drops initializer names (weights cannot be mapped back), has no Q/DQ
 fake quantization and no masks, and its module tree differs per op; optcc needs all three.
