@@ -98,11 +98,17 @@ class OrtRunner:
             for i in self.session.get_inputs()
         ]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # A failed run raises ModelError with ONNX Runtime's message; its own (coloured) log
+        # line of the same error on stderr would only repeat it.
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         names = {spec.name for spec in self.input_specs}
         try:
-            return self.session.run(None, {k: v for k, v in feeds.items() if k in names})
+            return self.session.run(
+                None, {k: v for k, v in feeds.items() if k in names}, self._run_options
+            )
         except Exception as exc:
             raise ModelError(f"ONNX Runtime failed to run the model: {first_line(exc)}") from exc
 
