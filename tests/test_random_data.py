@@ -96,6 +96,10 @@ def test_build_report_says_what_random_verification_data_was(tmp_path: Path) -> 
 
     onnx.save(embedding_model(), tmp_path / "emb.onnx")
     recipe = write_recipe(tmp_path, "version: 1\nmodel: emb.onnx\npasses: [eliminate-dead-nodes]\n")
-    report = build(recipe).report
+    result = build(recipe)
+    report = result.report
     assert report["verification"]["data"].startswith("random (input_ids: ids in [0, 50)")
     assert report["verification"]["batch_checks"]["probes"] == ["batch size 1", "batch size 3"]
+    text = (result.output_dir / "report.md").read_text()
+    assert "batch checks: batch size 1, batch size 3, samples independent of their batch-mates" in text
+    assert "samples from random (input_ids: ids in [0, 50)" in text
