@@ -773,6 +773,32 @@ class OnnxOps:
             y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
         return y, present_key, present_value, scores
 
+    def op_RotaryEmbedding(self, node: gs.Node, x: Any, cos: Any, sin: Any, position_ids: Any = None) -> Any:
+        """ONNX RotaryEmbedding (opset 23): rotate pairs of features by position-dependent
+        angles. x is [batch, heads, seq, size] or [batch, seq, heads·size] (``num_heads``);
+        the first ``rotary_embedding_dim`` features rotate (all by default), as two halves
+        or, with ``interleaved``, as even/odd pairs; caches are [batch, seq, dim/2], or
+        [positions, dim/2] indexed by ``position_ids``."""
+        shape = x.shape
+        if x.ndim == 4:
+            x = x.transpose(1, 2)  # [batch, seq, heads, size]
+        else:
+            x = x.reshape(shape[0], shape[1], int(node.attrs["num_heads"]), -1)
+        dim = int(node.attrs.get("rotary_embedding_dim", 0)) or x.shape[-1]
+        if position_ids is not None:
+            cos, sin = cos[position_ids.long()], sin[position_ids.long()]
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+        rotate, keep = x[..., :dim], x[..., dim:]
+        interleaved = int(node.attrs.get("interleaved", 0))
+        if interleaved:
+            x1, x2 = rotate[..., 0::2], rotate[..., 1::2]
+        else:
+            x1, x2 = rotate[..., : dim // 2], rotate[..., dim // 2:]
+        real, imag = cos * x1 - sin * x2, sin * x1 + cos * x2
+        rotated = torch.stack([real, imag], dim=-1).flatten(-2) if interleaved else torch.cat([real, imag], dim=-1)
+        out = torch.cat([rotated, keep], dim=-1)
+        return out.transpose(1, 2) if len(shape) == 4 else out.reshape(shape)
+
     def op_QuantizeLinear(self, node: gs.Node, x: Any, scale: Any, zp: Any = None) -> Any:
         # Fake quantization: keep float values on the integer grid (dequantized next).
         dtype = np.asarray(node.inputs[2].values).dtype if len(node.inputs) > 2 and isinstance(

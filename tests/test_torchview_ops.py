@@ -104,8 +104,21 @@ def attention() -> list[Case]:
     ]
 
 
+def rotary() -> list[Case]:
+    angles = RNG.uniform(0, 3, (2, 3, 4)).astype(np.float32)  # [batch, seq, dim/2]
+    table = RNG.uniform(0, 3, (6, 2)).astype(np.float32)  # [positions, dim/2]
+    return [
+        Case("RotaryEmbedding-4d", "RotaryEmbedding", ["x", "cos", "sin"],
+             {"x": x(2, 2, 3, 8), "cos": np.cos(angles), "sin": np.sin(angles)}, opset=23),
+        Case("RotaryEmbedding-3d-interleaved-partial-positions", "RotaryEmbedding", ["x", "cos", "sin", "p"],
+             {"x": x(2, 3, 16), "cos": np.cos(table), "sin": np.sin(table)},
+             {"p": np.array([[0, 1, 2], [3, 4, 5]], np.int64)},
+             attrs={"num_heads": 2, "interleaved": 1, "rotary_embedding_dim": 4}, opset=23),
+    ]
+
+
 def cases() -> list[Case]:
-    c = reductions() + attention()
+    c = reductions() + attention() + rotary()
     data = x(2, 3, 4)
     c += [
         Case("ArgMax", "ArgMax", ["x"], {"x": data}, attrs={"axis": 1, "keepdims": 0}, outputs=[I64], grad=False),
