@@ -144,6 +144,7 @@ _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 _CALL_SITE = re.compile(
     r'The following call raised this error:\s*File "([^"]+)", line (\d+), in (\S+)\s*\n\s*(\S.*)'
 )
+_SUMMARY = re.compile(r"## Exception summary\s*<class '(?:[\w.]+\.)?(\w+)'>: ([^\n]*)")
 
 
 def plain(text: str) -> str:
@@ -158,8 +159,13 @@ def export_failure(exc: BaseException) -> str:
     root = exc
     while root.__cause__ is not None:
         root = root.__cause__
-    message = f"{type(root).__name__}: {plain(first_line(root))}"
-    site = _CALL_SITE.search(plain(str(exc)))
+    text = plain(str(exc))
+    summary = _SUMMARY.search(text)
+    if root is exc and summary:  # the cause was dropped on re-raise; torch's text names it
+        message = f"{summary[1]}: {summary[2].strip()}"
+    else:
+        message = f"{type(root).__name__}: {plain(first_line(root))}"
+    site = _CALL_SITE.search(text)
     if site:
         message += f" (at {Path(site[1]).name}:{site[2]} in {site[3]}: {site[4].strip()})"
     return message

@@ -56,3 +56,19 @@ def test_export_error_is_one_plain_line(tmp_path: Path, factory: str, exporter: 
     assert expected in message
     if exporter == "dynamo":  # torch names the user's line that made export fail
         assert "(at bad_modules.py:7 in forward: if x.sum() > 0:)" in message
+
+
+def test_export_error_names_the_cause_even_when_it_was_dropped_on_re_raise(tmp_path: Path) -> None:
+    from optcc.frontend import export_failure
+
+    (tmp_path / "bad_modules.py").write_text(MODULES)
+    with pytest.raises(ModelError) as info:
+        export_torch("bad_modules.py:data_dependent", inputs=[{"name": "x", "shape": ["batch", 4]}],
+                     exporter="dynamo", base_dir=tmp_path)
+    wrapped = info.value.__cause__
+    assert wrapped is not None
+    wrapped.__cause__ = None  # what `raise error from None` does to it
+    line = export_failure(wrapped)
+    assert line.startswith("GuardOnDataDependentSymNode: Could not guard on data-dependent expression")
+    assert "\x1b" not in line and line.endswith("(at bad_modules.py:7 in forward: if x.sum() > 0:)")
+
