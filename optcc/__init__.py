@@ -46,6 +46,7 @@ _EXPORTS = {
     "pattern_fit": "optcc.sparse",
     "tensorrt_eligibility": "optcc.sparse",
     "layer_compliance": "optcc.sparse",
+    "restore_nm_patterns": "optcc.sparse",
     # passes
     "Pass": "optcc.passes",
     "PassOptions": "optcc.passes",

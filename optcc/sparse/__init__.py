@@ -17,6 +17,7 @@ from optcc.sparse.pattern import (
     tensorrt_eligibility,
     weight_matrix,
 )
+from optcc.sparse.restore import restore_nm_patterns
 
 __all__ = [
     "NEARLY_SHARE",
@@ -29,6 +30,7 @@ __all__ = [
     "nm_keep",
     "nonzeros_per_group",
     "pattern_fit",
+    "restore_nm_patterns",
     "sparse_layer",
     "sparse_layers",
     "tensorrt_eligibility",

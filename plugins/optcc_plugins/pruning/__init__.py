@@ -19,6 +19,7 @@ from optcc import (
     Tolerance,
     hookimpl,
     model_stats,
+    restore_nm_patterns,
     static_shapes,
 )
 
@@ -208,6 +209,9 @@ class StructuredPruningPass(Pass):
             return PassResult(model, False, stats, reason="nothing to prune: " + (
                 "; ".join(f"{k}: {v}" for k, v in list(blocked.items())[:3]) or "no prunable group"))
         apply_removal(model, analysis, removed)
+        nm_patterns = restore_nm_patterns(model)  # 2:4 layers whose input channels shifted
+        if nm_patterns:
+            stats["nm_patterns"] = nm_patterns
         after = model_stats(model)
         after_layers = {layer.name: layer for layer in after.layers}
         rows = []
