@@ -134,14 +134,14 @@ class SparsifyPass(Pass):
         opts: Any = self.options
         if layer.op not in opts.op_types:
             return f"op type {layer.op} is not in op_types"
+        fit = pattern_fit(layer, pattern)
+        if fit is not None:
+            return fit
         for pat in opts.exclude:
             if fnmatch.fnmatchcase(layer.name, pat) or fnmatch.fnmatchcase(layer.op, pat):
                 return f"excluded by '{pat}'"
         if opts.include and not any(fnmatch.fnmatchcase(layer.name, p) for p in opts.include):
             return "not matched by include"
-        fit = pattern_fit(layer, pattern)
-        if fit is not None:
-            return fit
         if layer.quantized:
             return "weight is already INT8: run sparsify-2of4 before quantize-int8"
         if layer.shared_with:
