@@ -486,3 +486,69 @@ target: {{runs: 2, warmup: 1}}
     assert statuses(final)["/stage2/conv1/Conv"] == "complies"
     assert result.report["final"]["metric"]["accuracy"] > 0.95
     assert onnx.load(str(tmp_path / "out" / "model.onnx"))
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_recipe_on_a_bert_style_encoder(tmp_path: Path, exporter: str) -> None:
+    """From a recipe on a BERT-style encoder exported by either exporter: every projection
+    (Q, K, V, output, FFN up and down) of both layers becomes 2:4 with SparseGPT."""
+    pytest.importorskip("torch")
+    from optcc.build import build
+
+    nets = Path(__file__).parent / "nets.py"
+    recipe = write_recipe(tmp_path, f"""\
+version: 1
+model:
+  torch: {nets}:bert_style
+  exporter: {exporter}
+  inputs:
+    - {{name: input_ids, shape: [batch, sequence], dtype: int64}}
+    - {{name: attention_mask, shape: [batch, sequence], dtype: int64}}
+data:
+  calibration: {{source: random, samples: 32, batch_size: 8, dims: {{sequence: 16}}}}
+  evaluation: {{source: random, samples: 16, batch_size: 8, dims: {{sequence: 16}}, seed: 1}}
+passes:
+  - sparsify-2of4: {{method: sparsegpt}}
+target: {{runs: 2, warmup: 1}}
+""")
+    result = build(recipe, output=tmp_path / "out")
+    stats = result.report["passes"][0]["stats"]
+    assert stats["sparsified_layers"] == 12 and stats["dense_layers"] == 0
+    assert all(row["output_error"] < 0.1 for row in stats["layers"])
+    final = Model.load(tmp_path / "out" / "model.onnx")
+    assert {row["status"] for row in layer_compliance(final)} == {"complies"}
+    assert result.report["final"]["metric"]["agreement"] > 0.9
+
+
+@pytest.mark.slow
+def test_bundled_sparse_recipe_builds(tmp_path: Path) -> None:
+    """recipes/sparse-2of4.yaml as shipped (shortened: 1 epoch, 128 calibration images).
+    Where the tensorrt target cannot lower here, the same passes run for the onnxruntime
+    target with the INT8 format pinned to TensorRT's."""
+    pytest.importorskip("torch")
+    import re
+    import shutil
+
+    from conftest import REPO
+
+    from optcc.build import build
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "optcc" / "demo").mkdir(parents=True)
+    shutil.copy(REPO / "optcc" / "demo" / "digits_cnn.onnx", tmp_path / "optcc" / "demo")
+    text = (REPO / "recipes" / "sparse-2of4.yaml").read_text()
+    text = text.replace("epochs: 4", "epochs: 1").replace("limit: 256", "limit: 128")
+    recipe = write_recipe(tmp_path / "recipes", text, name="sparse-2of4.yaml")
+    if not load_recipe(recipe).backend_cls.is_available()[0]:
+        text = re.sub(r"target:\n(  .*\n)+", "target: {backend: onnxruntime, runs: 2, warmup: 1}\n", text)
+        text = text.replace("{method: entropy}", "{method: entropy, format: tensorrt}")
+        text = text.replace("method: sparsegpt", "method: sparsegpt\n      rules: tensorrt")
+        recipe = write_recipe(tmp_path / "recipes", text, name="sparse-2of4.yaml")
+    result = build(recipe)
+    sparsify = next(r for r in result.report["passes"] if r["name"] == "sparsify-2of4")
+    rows = {row["name"]: row for row in sparsify["stats"]["layers"]}
+    assert rows["/fc/Gemm"]["reason"] == "10 channels < min_channels 16"
+    assert sparsify["stats"]["sparsified_layers"] == 7
+    final = Model.load(result.output_dir / "model.onnx")
+    assert all(statuses(final)[name] == "complies" for name, row in rows.items() if row["sparsified"])
+    assert result.report["final"]["metric"]["accuracy"] >= 0.98
