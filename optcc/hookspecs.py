@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from optcc.backends import Backend
+    from optcc.channels import ChannelRule
     from optcc.data import DataSource
     from optcc.ir import Model
     from optcc.passes import Pass, PassContext, PassResult
@@ -77,6 +78,29 @@ def optcc_recipe_dirs() -> list[Path]:
 
     ``optcc build NAME`` and ``optcc validate NAME`` look a bare recipe name up in these
     folders (after the current directory), so a plugin package can ship ready recipes.
+    """
+
+
+@hookspec
+def optcc_channel_rules() -> list[ChannelRule]:
+    """Return op rules for the channel-dependency analysis (:mod:`optcc.channels`).
+
+    Called once, when the plugin manager starts. Structured pruning (and any pass that
+    edits channels, such as a permutation for 2:4 sparsity) asks, for every node, how
+    channel ids flow through it. Each item is an instance of :class:`optcc.ChannelRule`
+    (or a subclass taking no arguments) that names its op types in ``ops`` (and its
+    ``domain`` for custom ops) and implements ``propagate(node, ctx)``: read the inputs'
+    ids with ``ctx.ids``, then record the outputs' ids (``ctx.set_ids``), coupled ids
+    (``ctx.couple``), constants to slice (``ctx.slice``), attributes or shape values to
+    update (``ctx.fixup``) and channels that must stay (``ctx.block``). Without a rule, an
+    op blocks every channel that reaches it, so a rule is how a plugin makes its custom op
+    (or an op optcc handles too cautiously) prunable.
+
+    Precedence: for each node the rule with the highest ``priority`` whose
+    ``applies(node, ctx)`` is true wins; optcc's built-in rules have priority 0 and come
+    first, so a plugin rule of equal priority replaces a built-in one. Return ``[]`` when
+    the plugin has none. A rule that is not a ``ChannelRule`` or names no op type is
+    reported as this plugin's load error.
     """
 
 
