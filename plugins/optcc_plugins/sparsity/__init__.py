@@ -34,6 +34,7 @@ from optcc import (
 
 from .calibrate import collect, layout_key, levels, unfold_support
 from .methods import magnitude_keep, output_error, sparsegpt, wanda_keep
+from .permute import permute_for_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +46,11 @@ NO_SPEED_ON_ORT = (
 
 
 class SparsifyOptions(PassOptions):
-    method: Literal["magnitude", "wanda", "sparsegpt"] = Field(
+    method: Literal["magnitude", "permutation", "wanda", "sparsegpt"] = Field(
         "magnitude",
         description="How the mask is chosen: magnitude (keep the largest |w| of every group), "
+        "permutation (magnitude after an input-channel permutation that keeps more magnitude, "
+        "applied to producers and coupled layers too, so the dense model is unchanged), "
         "wanda (|w|·‖x‖ with calibration activations, no weight update) or sparsegpt "
         "(second-order: mask by OBS saliency and update the kept weights from the layer's "
         "input Hessian). wanda and sparsegpt need calibration data.",
@@ -88,6 +91,13 @@ class SparsifyOptions(PassOptions):
         description="Data-aware methods: calibrate layer by layer (level by level), each layer "
         "fed by already-sparsified predecessors (one pass over the data per level); false: "
         "one pass, every layer seeing the dense model.",
+    )
+    permutation_sweeps: int = Field(
+        4, ge=1, le=100, description="permutation: passes of the channel-swap search per group."
+    )
+    permutation_window: int = Field(
+        64, ge=1, le=4096,
+        description="permutation: how many other groups of channels each group tries swaps with.",
     )
     dampening: float = Field(
         0.01, gt=0.0, le=1.0,
@@ -195,11 +205,16 @@ class SparsifyPass(Pass):
             return PassResult(model, False, stats, reason="no layer can take the pattern"
                               + (": " + "; ".join(why[:4]) if why else " (the model has no weighted layer)"))
 
+        if opts.method == "permutation":
+            names = {layer.name for layer in chosen}
+            stats["permutation"] = permute_for_pattern(
+                model, names, pattern, sweeps=opts.permutation_sweeps, window=opts.permutation_window)
+            chosen = [layer for layer in sparse_layers(model) if layer.name in names]  # new constants
         if opts.method in DATA_AWARE:
             self._data_aware(model, chosen, pattern, ctx, rows)
         else:
             for layer in chosen:
-                self._apply(model, layer, pattern, "magnitude", None, rows)
+                self._apply(model, layer, pattern, opts.method, None, rows)
         self._verify(chosen, pattern)
         done = [r for r in rows.values() if r["sparsified"]]
         total = sum(int(np.prod(layer.shape)) for layer in layers)
@@ -252,7 +267,7 @@ class SparsifyPass(Pass):
             if method == "sparsegpt" and h is not None:
                 new[rows_g], keep[rows_g] = sparsegpt(block, h, pattern, dampening=opts.dampening,
                                                       block_size=opts.block_size)
-            else:
+            else:  # magnitude, permutation (magnitude on permuted channels), wanda
                 keep[rows_g] = wanda_keep(block, h, pattern) if method == "wanda" and h is not None \
                     else magnitude_keep(block, pattern)
                 new[rows_g] = np.where(keep[rows_g], block, 0.0)
