@@ -86,11 +86,12 @@ class SparsifyOptions(PassOptions):
         "(no ConvTranspose or grouped convolutions, 2:4 only); portable takes every layer whose "
         "reduction length fits the pattern; auto follows the build's target.",
     )
-    sequential: bool = Field(
-        True,
-        description="Data-aware methods: calibrate layer by layer (level by level), each layer "
-        "fed by already-sparsified predecessors (one pass over the data per level); false: "
-        "one pass, every layer seeing the dense model.",
+    sequential: bool | None = Field(
+        None,
+        description="Data-aware methods: calibrate level by level, each layer fed by its "
+        "already-sparsified predecessors (one pass over the data per level), or (false) in one "
+        "pass on the dense model. Default: true for sparsegpt, whose weight update compensates "
+        "for what the predecessors lost; false for wanda (measured better and cheaper).",
     )
     permutation_sweeps: int = Field(
         4, ge=1, le=100, description="permutation: passes of the channel-swap search per group."
@@ -240,7 +241,8 @@ class SparsifyPass(Pass):
             else:
                 self._apply(model, layer, pattern, "magnitude", None, rows)
                 rows[layer.name]["method"] = f"magnitude ({opts.method} needs the layer input: {why})"
-        depth = levels(model, {layer.name for layer in ready}) if opts.sequential else {}
+        sequential = opts.sequential if opts.sequential is not None else opts.method == "sparsegpt"
+        depth = levels(model, {layer.name for layer in ready}) if sequential else {}
         steps = sorted({depth.get(layer.name, 0) for layer in ready})
         for step, level in enumerate(steps, 1):
             group = [layer for layer in ready if depth.get(layer.name, 0) == level]
