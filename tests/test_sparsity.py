@@ -522,7 +522,7 @@ target: {{runs: 2, warmup: 1}}
 
 @pytest.mark.slow
 def test_bundled_sparse_recipe_builds(tmp_path: Path) -> None:
-    """recipes/sparse-2of4.yaml as shipped (shortened: 1 epoch, 128 calibration images).
+    """recipes/sparse-2of4.yaml as shipped (shortened: 8 training steps, 64 calibration images).
     Where the tensorrt target cannot lower here, the same passes run for the onnxruntime
     target with the INT8 format pinned to TensorRT's."""
     pytest.importorskip("torch")
@@ -537,7 +537,7 @@ def test_bundled_sparse_recipe_builds(tmp_path: Path) -> None:
     (tmp_path / "optcc" / "demo").mkdir(parents=True)
     shutil.copy(REPO / "optcc" / "demo" / "digits_cnn.onnx", tmp_path / "optcc" / "demo")
     text = (REPO / "recipes" / "sparse-2of4.yaml").read_text()
-    text = text.replace("epochs: 4", "epochs: 1").replace("limit: 256", "limit: 128")
+    text = text.replace("epochs: 4", "epochs: 1\n      max_batches: 8").replace("limit: 256", "limit: 64")
     recipe = write_recipe(tmp_path / "recipes", text, name="sparse-2of4.yaml")
     if not load_recipe(recipe).backend_cls.is_available()[0]:
         text = re.sub(r"target:\n(  .*\n)+", "target: {backend: onnxruntime, runs: 2, warmup: 1}\n", text)

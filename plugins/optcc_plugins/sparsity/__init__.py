@@ -120,7 +120,9 @@ class SparsifyPass(Pass):
 
     For a Conv weight ``K × C × R × S`` the groups are ``m`` consecutive input channels at
     fixed ``(k, r, s)``; for Gemm/MatMul they run along ``K`` (see ``optcc.sparse``). The mask
-    is chosen by magnitude, Wanda (``|w_ij|·‖X_j‖``) or SparseGPT (OBS saliency
+    is chosen by magnitude, by magnitude after an input-channel permutation that keeps more
+    of it (permute.py: producers and coupled layers are permuted too, so the dense function
+    is unchanged), by Wanda (``|w_ij|·‖X_j‖``) or by SparseGPT (OBS saliency
     ``w²/[H⁻¹]_jj²`` and the OBS update of the kept weights from ``H = ΣXᵀX``), described
     in methods.py. Data-aware methods stream the calibration data once per level of layers,
     holding one ``K × K`` Hessian per layer. The mask is stored in the model's metadata
@@ -130,7 +132,7 @@ class SparsifyPass(Pass):
     """
 
     name = "sparsify-2of4"
-    summary = "2:4 (N:M) semi-structured sparsity for sparse tensor cores: magnitude, Wanda or SparseGPT."
+    summary = "2:4 (N:M) semi-structured sparsity for sparse tensor cores: magnitude, channel permutation, Wanda or SparseGPT."
     Options = SparsifyOptions
     tolerance = Tolerance.lossy()
 
