@@ -522,11 +522,10 @@ target: {{runs: 2, warmup: 1}}
 
 @pytest.mark.slow
 def test_bundled_sparse_recipe_builds(tmp_path: Path) -> None:
-    """recipes/sparse-2of4.yaml as shipped (shortened: 8 training steps, 64 calibration images).
-    Where the tensorrt target cannot lower here, the same passes run for the onnxruntime
-    target with the INT8 format pinned to TensorRT's."""
+    """recipes/sparse-2of4.yaml as shipped, for the tensorrt target (shortened: 1 epoch,
+    64 calibration images). Without a GPU the build lowers to model.onnx plus the
+    engine build scripts; every layer the pass sparsified complies in that final model."""
     pytest.importorskip("torch")
-    import re
     import shutil
 
     from conftest import REPO
@@ -537,84 +536,16 @@ def test_bundled_sparse_recipe_builds(tmp_path: Path) -> None:
     (tmp_path / "optcc" / "demo").mkdir(parents=True)
     shutil.copy(REPO / "optcc" / "demo" / "digits_cnn.onnx", tmp_path / "optcc" / "demo")
     text = (REPO / "recipes" / "sparse-2of4.yaml").read_text()
-    text = text.replace("epochs: 4", "epochs: 1\n      max_batches: 8").replace("limit: 256", "limit: 64")
-    recipe = write_recipe(tmp_path / "recipes", text, name="sparse-2of4.yaml")
-    if not load_recipe(recipe).backend_cls.is_available()[0]:
-        text = re.sub(r"target:\n(  .*\n)+", "target: {backend: onnxruntime, runs: 2, warmup: 1}\n", text)
-        text = text.replace("{method: entropy}", "{method: entropy, format: tensorrt}")
-        text = text.replace("method: sparsegpt", "method: sparsegpt\n      rules: tensorrt")
-        recipe = write_recipe(tmp_path / "recipes", text, name="sparse-2of4.yaml")
-    result = build(recipe)
+    text = text.replace("epochs: 4", "epochs: 1").replace("limit: 256", "limit: 64")
+    result = build(write_recipe(tmp_path / "recipes", text, name="sparse-2of4.yaml"))
     sparsify = next(r for r in result.report["passes"] if r["name"] == "sparsify-2of4")
+    assert sparsify["stats"]["rules"] == "tensorrt"
     rows = {row["name"]: row for row in sparsify["stats"]["layers"]}
     assert rows["/fc/Gemm"]["reason"] == "10 channels < min_channels 16"
     assert sparsify["stats"]["sparsified_layers"] == 7
     final = Model.load(result.output_dir / "model.onnx")
-    assert all(statuses(final)[name] == "complies" for name, row in rows.items() if row["sparsified"])
+    int8 = {layer.name for layer in sparse_layers(final) if layer.quantized}
+    assert all(statuses(final)[name] == "complies" and name in int8
+               for name, row in rows.items() if row["sparsified"])
+    assert not [f for f in lint_tensorrt(final) if f.rule == "sparse-nearly"]
     assert result.report["final"]["metric"]["accuracy"] >= 0.98
-
-
-# ----------------------------------------------------------------------------- permutation
-def test_permutation_search_finds_the_obvious_regrouping() -> None:
-    from optcc_plugins.sparsity.permute import kept_magnitude, search_permutation
-
-    # columns 0-3 large, 4-7 small: grouped as is, every group keeps half its magnitude
-    magnitudes = np.abs(np.random.default_rng(0).standard_normal((6, 8))) * 0.01
-    magnitudes[:, :4] += 1.0
-    order = search_permutation(magnitudes, P24)
-    assert sorted(order) == list(range(8))
-
-    def kept(o: np.ndarray) -> float:
-        return float(kept_magnitude(magnitudes[:, o].reshape(6, 2, 4).transpose(1, 0, 2), 2).sum())
-
-    assert kept(order) > 1.9 * kept(np.arange(8))  # each group now holds two large columns
-    assert (order[:4] < 4).sum() == 2 and (order[4:] < 4).sum() == 2
-
-
-@pytest.mark.parametrize(("factory", "inputs"), [
-    ("digits", None),
-    ("nets:mobilenet_v2_style", [{"name": "x", "shape": ["batch", 3, 16, 16]}]),
-    ("nets:ConcatNet", [{"name": "x", "shape": ["batch", 3, 16, 16]}]),
-])
-def test_permutation_leaves_the_dense_function_unchanged(factory: str, inputs) -> None:
-    """Residual Adds and BatchNorm (the demo, BN unfolded), depthwise convolutions
-    (MobileNetV2-style), Concat, Split and Flatten -> Gemm (ConcatNet): the permuted dense
-    model computes what the original does, and channels really moved."""
-    from optcc_plugins.sparsity.permute import permute_for_pattern
-
-    if factory == "digits":
-        model = Model.load(DEMO_MODEL)
-    else:
-        pytest.importorskip("torch")
-        from optcc.frontend import export_torch
-
-        model = export_torch(factory, inputs=inputs, exporter="legacy", base_dir=Path(__file__).parent)
-    names = {layer.name for layer in sparse_layers(model) if layer.reduction % 4 == 0}
-    permuted = model.copy()
-    rows = permute_for_pattern(permuted, names, P24, sweeps=1)
-    assert sum(row.get("moved", 0) for row in rows) > 0
-    assert all(row["kept_after"] >= row["kept_before"] for row in rows if "kept_after" in row)
-    spec = OrtRunner(model).input_specs[0]
-    shape = [5 if not isinstance(d, int) else d for d in spec.shape]
-    x = {spec.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-    reference = OrtRunner(model).run(x)[0]
-    np.testing.assert_allclose(OrtRunner(permuted).run(x)[0], reference, rtol=1e-5,
-                               atol=1e-5 * float(np.abs(reference).max()))
-    before = {layer.name: np.asarray(layer.weight.values) for layer in sparse_layers(model)}
-    assert any(not np.array_equal(np.asarray(layer.weight.values), before[layer.name])
-               for layer in sparse_layers(permuted))
-
-
-def test_permutation_method_keeps_more_magnitude_and_complies() -> None:
-    model = demo_folded()
-    result = SparsifyPass(method="permutation", permutation_sweeps=2)(model.copy())
-    plain = SparsifyPass()(model.copy())
-    groups = [row for row in result.stats["permutation"] if "kept_after" in row]
-    assert len(groups) == 5 and all(row["kept_after"] > row["kept_before"] for row in groups)
-    assert all(statuses(result.model)[n] == "complies" for n, s in statuses(plain.model).items() if s == "complies")
-
-    def kept(m: Model) -> float:
-        return sum(float(np.abs(layer.weight.values).sum()) for layer in sparse_layers(m))
-
-    assert kept(result.model) > kept(plain.model)
-    assert result.stats["layers"][1]["method"] == "permutation"
