@@ -24,6 +24,10 @@ _EXPORTS = {
     "ToleranceError": "optcc.errors",
     "BackendError": "optcc.errors",
     "BackendUnavailable": "optcc.errors",
+    "RecipeErrors": "optcc.errors",
+    "OutputError": "optcc.errors",
+    "ResourceError": "optcc.errors",
+    "BuildInterrupted": "optcc.errors",
     # IR
     "Model": "optcc.ir",
     "Metadata": "optcc.ir",
@@ -70,6 +74,7 @@ _EXPORTS = {
     "hookimpl": "optcc.hookspecs",
     "load_recipe": "optcc.recipe",
     "build": "optcc.build",
+    "validate": "optcc.build",
     # deployment: load a build's output folder and predict
     "load": "optcc.predict",
     "Predictor": "optcc.predict",

@@ -3,13 +3,16 @@ predict | triton | schema.
 
 A user mistake (any :class:`optcc.OptccError`) prints one ``error:`` line, maybe a
 ``hint:`` line, and exits with status 2; an interrupted build exits 130; anything else is
-a bug in optcc and keeps its traceback (status 70). Heavy libraries are imported inside the
-commands, so ``optcc --help`` is fast and needs neither torch nor onnxruntime.
+a bug in optcc and keeps its traceback (status 70). SIGTERM interrupts like Ctrl-C (status
+143). File-system errors (permissions, a full or read-only disk) are user errors too.
+Heavy libraries are imported inside the commands, so ``optcc --help`` is fast and needs
+neither torch nor onnxruntime.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -21,6 +24,7 @@ T = TypeVar("T")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 EXIT_BUG = 70
 
 
@@ -146,12 +150,21 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from optcc.build import validate
+    from optcc.errors import RecipeErrors
     from optcc.plugins import get_registry
-    from optcc.recipe import load_recipe
 
     registry = get_registry()
     _warn_plugin_errors(registry, args.json)
-    plan = load_recipe(args.recipe, registry)
+    try:
+        plan = validate(args.recipe, output=args.output, registry=registry)
+    except RecipeErrors as exc:
+        if not args.json:
+            raise
+        _print_json({"recipe": str(args.recipe), "valid": False, "errors": [
+            {"file": e.file, "line": e.line, "col": e.col, "message": e.bare_message, "hint": e.hint}
+            for e in exc.errors]})
+        return EXIT_USER_ERROR
     info = {
         "recipe": str(plan.file),
         "valid": True,
@@ -159,7 +172,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         "target": plan.recipe.target.backend,
         "data": {role: d.source for role, d in plan.data.items()},
         "passes": [{"name": p.name, "plugin": p.plugin, "line": p.line} for p in plan.passes],
-        "output": str(plan.output_dir),
+        "output": str(plan.output_folder(args.output)),
     }
     if args.json:
         _print_json(info)
@@ -523,6 +536,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a recipe without running it")
     p.add_argument("recipe")
+    p.add_argument("-o", "--output", help="the output folder a build would use (as for build)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_validate)
 
@@ -599,6 +613,29 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _sigterm_like_ctrl_c() -> Iterator[list[int]]:
+    """SIGTERM (``kill``, torchrun, a CI timeout) interrupts like Ctrl-C while a command
+    runs: the build cleans up and says where its output stands; the exit status is 143."""
+    import signal
+    import threading
+
+    received: list[int] = []  # truthy once SIGTERM has arrived
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
@@ -609,7 +646,15 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    with _sigterm_like_ctrl_c() as terminated:
+        code = _run(args)
+    return EXIT_TERMINATED if terminated and code == EXIT_INTERRUPTED else code
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the chosen command and turn its outcome into an exit status (module docstring)."""
     from optcc.errors import BuildInterrupted, OptccError
+    from optcc.resources import os_error
 
     try:
         return int(args.func(args) or 0)
@@ -620,9 +665,17 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OptccError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
+        for error in getattr(exc, "errors", [exc]):  # RecipeErrors: every error, in file order
+            print(f"error: {error}", file=sys.stderr)
+            if error.hint:
+                print(f"hint: {error.hint}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # the environment (permissions, full disk, ...), not a bug
+        mapped = os_error(exc, "file system error")
+        if mapped is None:
+            raise
+        print(f"error: {mapped}", file=sys.stderr)
+        print(f"hint: {mapped.hint}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception:
         import traceback

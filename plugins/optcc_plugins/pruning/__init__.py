@@ -9,7 +9,7 @@ extensible by plugins through op rules); this plugin ranks the groups it finds
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -64,7 +64,7 @@ class PruneOptions(PassOptions):
         8, ge=1, description="Kept channel counts are rounded up to a multiple of this."
     )
     min_channels: int = Field(8, ge=1, description="Never keep fewer channels in a layer.")
-    overrides: dict[str, float] = Field(
+    overrides: dict[str, Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
         default_factory=dict,
         description="Per-layer ratios: node-name pattern (fnmatch) -> ratio (target channels).",
     )
