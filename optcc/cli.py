@@ -348,6 +348,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     model = Model.load(args.model)
     stats = model_stats(model, _parse_shapes(args.shape))
+    nm = _nm_compliance(model, args.sparsity_pattern)
     info = {
         "model": str(args.model),
         "file_bytes": Path(args.model).stat().st_size,
@@ -356,6 +357,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                    for t in model.inputs],
         "outputs": [t.name for t in model.outputs],
         **stats.to_dict(),
+        "nm_compliance": {"pattern": args.sparsity_pattern, "layers": list(nm.values())},
         "history": model.meta.history,
     }
     if args.json:
@@ -370,12 +372,43 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                   f"INT8 coverage: {100 * stats.int8_coverage:.1f} %")
     console.print(_table("ops", ["op", "count"], [[k, str(v)] for k, v in stats.op_histogram.items()]))
     rows = [[layer.name, layer.op, "×".join(map(str, layer.weight_shape)), fmt_int(layer.params),
-             fmt_int(layer.flops), f"{100 * layer.sparsity:.1f} %",
+             fmt_int(layer.flops), f"{100 * layer.sparsity:.1f} %", _nm_cell(nm.get(layer.name)),
              layer.precision + (" W8A8" if layer.int8 else "")] for layer in stats.layers]
-    console.print(_table("layers", ["layer", "op", "weight", "params", "FLOPs", "sparsity", "precision"], rows))
+    console.print(_table("layers", ["layer", "op", "weight", "params", "FLOPs", "sparsity",
+                                    args.sparsity_pattern, "precision"], rows))
+    console.print(_esc(_nm_summary(args.sparsity_pattern, nm)))
     if model.meta.history:
         console.print(_esc("passes applied: " + " → ".join(h["pass"] for h in model.meta.history)))
     return 0
+
+
+def _nm_compliance(model: Any, pattern: str) -> dict[str, dict[str, Any]]:
+    """Per-layer N:M compliance rows (``optcc.sparse.layer_compliance``) by layer name."""
+    from optcc.errors import OptccError
+    from optcc.sparse import layer_compliance
+
+    try:
+        return {row["name"]: row for row in layer_compliance(model, pattern)}
+    except ValueError as exc:
+        raise OptccError(f"--sparsity-pattern: {exc}") from exc
+
+
+def _nm_cell(row: dict[str, Any] | None) -> str:
+    if row is None or row["status"] == "n/a":
+        return "–"
+    if row["status"] == "nearly":
+        return f"nearly ({row['violating']} groups off)"
+    return str(row["status"])
+
+
+def _nm_summary(pattern: str, nm: dict[str, dict[str, Any]]) -> str:
+    counts = {s: sum(r["status"] == s for r in nm.values()) for s in ("complies", "nearly", "no")}
+    text = (f"{pattern} compliance: {counts['complies']} layer(s) comply, {counts['nearly']} nearly, "
+            f"{counts['no']} do not, {sum(r['status'] == 'n/a' for r in nm.values())} cannot "
+            "(reduction length not a multiple of M, depthwise)")
+    if counts["nearly"]:
+        text += "; `optcc lint` names the groups that break it"
+    return text + ". Sparse tensor cores need NVIDIA GPUs: ONNX Runtime on CPU gains no speed."
 
 
 def _parse_shapes(values: list[str] | None) -> dict[str, list[int]] | None:
@@ -520,8 +553,8 @@ def cmd_lint(args: argparse.Namespace) -> int:
             print(line)
     if not args.json:
         print(f"{args.model}: {errors} error(s), {warnings} warning(s), "
-              f"{len(findings) - errors - warnings} note(s) against TensorRT's ONNX parser "
-              "and Q/DQ rules")
+              f"{len(findings) - errors - warnings} note(s) against TensorRT's ONNX parser, "
+              "Q/DQ and 2:4 sparsity rules")
     return 1 if errors else 0
 
 
@@ -763,15 +796,20 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_plugins)
 
-    p = _command(sub, "inspect", "ops, parameters, sparsity and INT8 coverage of a model",
+    p = _command(sub, "inspect", "ops, parameters, sparsity (and 2:4 compliance) and INT8 "
+                 "coverage of a model",
                  "Describe an ONNX model: op histogram, parameters, weight bytes, FLOPs per "
-                 "sample, per-layer shapes, sparsity and precision, and the passes optcc applied.",
+                 "sample, per-layer shapes, sparsity, N:M compliance and precision, and the "
+                 "passes optcc applied.",
                  "optcc inspect out/quickstart/model.onnx\n"
-                 "optcc inspect bert.onnx --shape input_ids=1,128 --shape attention_mask=1,128")
+                 "optcc inspect bert.onnx --shape input_ids=1,128 --shape attention_mask=1,128\n"
+                 "optcc inspect model.onnx --sparsity-pattern 1:4")
     p.add_argument("model", help="ONNX file")
     p.add_argument("--shape", action="append", metavar="NAME=D1,D2,...",
                    help="concrete input shape for FLOPs; repeat per input (default: dynamic "
                    "dimensions set to 1)")
+    p.add_argument("--sparsity-pattern", default="2:4", metavar="N:M",
+                   help="N:M pattern whose per-layer compliance is shown")
     p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_inspect)
 
@@ -806,10 +844,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_bench)
 
-    p = _command(sub, "lint", "check a model against TensorRT's ONNX parser and Q/DQ rules",
-                 "Check any ONNX model against TensorRT's ONNX parser and explicit-quantization "
-                 "rules. Prints one line per rule broken with the number of nodes and the first "
-                 "few; exits 1 when there are errors.",
+    p = _command(sub, "lint", "check a model against TensorRT's ONNX parser, Q/DQ and 2:4 "
+                 "sparsity rules",
+                 "Check any ONNX model against TensorRT's ONNX parser, explicit-quantization and "
+                 "2:4 sparsity rules. Prints one line per rule broken with the number of nodes "
+                 "and the first few; exits 1 when there are errors.",
                  "optcc lint model_int8.onnx\noptcc lint model_int8.onnx --verbose\n"
                  "optcc lint model.onnx --min-shapes image:1x1x8x8 --max-shapes image:64x1x8x8\n"
                  "optcc lint model_int8.onnx --json")

@@ -63,7 +63,7 @@ def test_lint_groups_repeated_findings(tmp_path: Path, capsys) -> None:
     count = int(lines[0].split()[2])  # "error: [unsigned] N nodes: ..."
     assert count > 10 and sum("[unsigned]" in line for line in lines) == 1
     assert lines[1].startswith("    at ") and f"and {count - 3} more (--verbose lists all)" in lines[1]
-    assert lines[-1].endswith("against TensorRT's ONNX parser and Q/DQ rules")
+    assert "against TensorRT's ONNX parser" in lines[-1]
     code, out, _ = run(capsys, "lint", str(path), "--verbose")
     assert out.count("[unsigned]") == count
 

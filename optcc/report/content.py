@@ -375,6 +375,15 @@ def header_items(report: dict[str, Any]) -> list[tuple[str, str]]:
         items.append(("metric", f"{report['metric']['name']} on {report['metric']['data']}"))
     items.append(("verification", f"{report['verification']['batch_size']} samples of "
                                   f"{report['verification']['data']} data, after every pass"))
+    checks = report["verification"].get("batch_checks")
+    if checks:
+        line = ", ".join(checks["probes"]) or "none"
+        line += (", samples independent of their batch-mates" if checks["independence"]
+                 else ", runs and shapes only")
+        line += "".join(f"; {probe} skipped: {why}" for probe, why in checks["skipped"].items())
+        if checks.get("coupled_since"):
+            line += f"; samples depend on their batch-mates from '{checks['coupled_since']}' on"
+        items.append(("batch checks", line))
     return items
 
 
