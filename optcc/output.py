@@ -190,10 +190,24 @@ def refusal(path: Path, kind: str) -> str | None:
         return None
     listed = set(marker.get("files") or [])
     foreign = sorted(f for f in _walk_files(path) if f not in listed and f not in (MARKER, OWNER))
+    foreign = [f for f in foreign if not _in_nested_build(path, f)]
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         return f"the {what} {path} holds files optcc did not write: {shown}"
     return None
+
+
+def _in_nested_build(path: Path, relative: str) -> bool:
+    """Whether ``relative`` (a file below ``path``) lies in a folder that an optcc build
+    published there and that holds only what that build wrote, such as the output of a
+    reproducer recipe run inside ``OUT.failed/``."""
+    parts = Path(relative).parts
+    for depth in range(1, len(parts)):
+        folder = path.joinpath(*parts[:depth])
+        marker = read_marker(folder)
+        if marker is not None and refusal(folder, marker["kind"]) is None:
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- locks
@@ -543,6 +557,27 @@ class OutputFolder:
                 self.published = True
         except OSError as exc:
             raise self._environment(exc, f"publishing {self.path}") from exc
+        self._remove_old_failure()
+
+    def _remove_old_failure(self) -> None:
+        """A successful build makes an earlier failure's ``OUT.failed/`` stale: remove it,
+        if it is still a failed-build folder holding only what optcc wrote. It is renamed
+        to a backup name first, so a crash halfway leaves something the next build of
+        ``OUT.failed`` clears (:func:`remove_stale`), never a half-deleted report."""
+        if not self.failed.is_dir() or self.failed.is_symlink():
+            return
+        marker = read_marker(self.failed)
+        if marker is None or marker.get("kind") != "failed" or refusal(self.failed, "failed"):
+            logger.warning("kept %s: it is not (only) an earlier optcc failure", self.failed)
+            return
+        doomed = sibling(self.failed, f"old-{os.getpid()}")
+        try:
+            os.replace(self.failed, doomed)
+            shutil.rmtree(doomed)
+        except OSError as exc:
+            logger.warning("could not remove the earlier failure %s: %s", self.failed, exc)
+            return
+        logger.info("removed %s (an earlier build's failure; this build succeeded)", self.failed)
 
     def adopt_new_files(self) -> None:
         """List files added to the published output since (by this build's

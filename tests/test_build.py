@@ -116,6 +116,10 @@ def test_failed_build_keeps_previous_output_and_writes_reproducer(
     # The reproducer is a runnable recipe that fails the same way.
     with pytest.raises(ToleranceError, match="pass #1 'double-logits'"):
         build(repro / "recipe.yaml", registry=registry_with_test_passes)
+    # A later successful build makes the failure stale: OUT.failed/ goes, with the
+    # reproducer's own output in it (optcc's too, so the build is not refused).
+    build(good, registry=registry_with_test_passes)
+    assert not failed.exists() and not list(tmp_path.glob(".out.*"))
 
 
 def test_interrupted_build_leaves_nothing_behind(tmp_path: Path, demo_copy: Path, registry_with_test_passes) -> None:

@@ -173,6 +173,24 @@ def test_failed_build_is_parked_and_replaces_only_an_earlier_failure(tmp_path: P
     assert not out.exists() and siblings(out) == ["out.failed"]
 
 
+def test_a_successful_build_removes_an_earlier_failure_but_not_user_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with OutputFolder(out) as folder:
+        (folder.staging / "error.txt").write_text("failure")
+        folder.park_failure({"status": "running"}, ValueError("failure"))
+    publish(out, "good")
+    assert (out / "model.onnx").read_text() == "good" and siblings(out) == []
+    # Files the user added to OUT.failed/ between the builds: it is kept, untouched.
+    with OutputFolder(out) as folder:
+        folder.park_failure({"status": "running"}, ValueError("failure"))
+    with OutputFolder(out) as folder:
+        (folder.staging / "model.onnx").write_text("newer")
+        (folder.failed / "notes.txt").write_text("mine")
+        folder.publish()
+    assert (tmp_path / "out.failed" / "notes.txt").read_text() == "mine"
+    assert (out / "model.onnx").read_text() == "newer"
+
+
 def test_interrupt_message_says_where_the_output_stands(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(BuildInterrupted, match="out was not created"):
