@@ -118,6 +118,33 @@ def test_stats_count_params_flops_and_sparsity(conv_bn_path: Path) -> None:
     assert stats.int8_coverage == 0.0
 
 
+def test_stats_read_output_channels_from_each_weight_layout() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name: str, *shape: int):
+        return numpy_helper.from_array(np.ones(shape, np.float32), name)
+
+    nodes = [
+        helper.make_node("Gemm", ["x", "wt"], ["a"], name="gemm_t", transB=1),  # [out, in]
+        helper.make_node("Gemm", ["x", "w"], ["b"], name="gemm"),  # [in, out]
+        helper.make_node("MatMul", ["x", "w"], ["c"], name="right"),  # x @ W: W's columns
+        helper.make_node("MatMul", ["wl", "xt"], ["d"], name="left"),  # W @ x: W's rows
+        helper.make_node("ConvTranspose", ["img", "wc"], ["e"], name="deconv", group=2),
+    ]
+    graph = helper.make_graph(
+        nodes, "layouts",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6]),
+         helper.make_tensor_value_info("xt", TensorProto.FLOAT, [6, 2]),
+         helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 4, 5, 5])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n, shape in
+         zip("abcde", ([2, 5], [2, 7], [2, 7], [3, 2], [1, 6, 6, 6]), strict=True)],
+        [const("wt", 5, 6), const("w", 6, 7), const("wl", 3, 6), const("wc", 4, 3, 2, 2)],
+    )
+    model = Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    out = {layer.name: layer.out_channels for layer in model_stats(model).layers}
+    assert out == {"gemm_t": 5, "gemm": 7, "right": 7, "left": 3, "deconv": 6}
+
+
 def test_flops_use_given_sequence_length() -> None:
     from onnx import TensorProto, helper, numpy_helper
 

@@ -185,6 +185,7 @@ def test_recipe_and_report(tmp_path) -> None:
     assert report["final"]["file_bytes"] < 0.35 * report["original"]["file_bytes"]
     rows = {r["name"]: r for r in record["stats"]["layers"]}
     assert rows["/stage2/conv1/Conv"]["out_before"] == 128 and rows["/stage2/conv1/Conv"]["out_after"] == 64
+    assert rows["/fc/Gemm"]["out_before"] == rows["/fc/Gemm"]["out_after"] == 10  # the classes stay
 
 
 def test_nothing_prunable_is_a_reason_not_an_error() -> None:

@@ -351,9 +351,16 @@ def constant_weight(node: gs.Node) -> gs.Constant | None:
     tried first. A weight stored as INT8 behind a DequantizeLinear is returned as the INT8
     constant.
     """
+    position = constant_weight_position(node)
+    return None if position is None else _constant_through_dq(node.inputs[position])
+
+
+def constant_weight_position(node: gs.Node) -> int | None:
+    """Which input of a weighted node holds its constant weight (see :func:`constant_weight`)."""
     if node.op not in WEIGHTED_OPS or len(node.inputs) < 2:
         return None
-    weight = _constant_through_dq(node.inputs[1])
-    if weight is None and node.op == "MatMul":
-        weight = _constant_through_dq(node.inputs[0])
-    return weight
+    if _constant_through_dq(node.inputs[1]) is not None:
+        return 1
+    if node.op == "MatMul" and _constant_through_dq(node.inputs[0]) is not None:
+        return 0
+    return None

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from optcc.ir.model import Model
+from optcc.ir.model import Model, constant_weight_position
 
 QUANTIZED_DTYPES = frozenset({"int8", "uint8", "int4", "uint4"})
 
@@ -38,9 +38,26 @@ class LayerStats:
     flops: int | None
     precision: str
     int8: bool
+    out_channels: int = 0  # the layer's output features (Conv: filters; Gemm, MatMul: columns)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _out_channels(node: gs.Node, shape: list[int]) -> int:
+    """Output channels of a weighted layer, read from its weight's layout: Conv ``[out, in/g,
+    k...]``, ConvTranspose ``[in, out/g, k...]``, Gemm ``[out, in]`` with ``transB`` else
+    ``[in, out]``, MatMul ``[..., in, out]`` (a constant left operand: its rows)."""
+    if not shape:
+        return 0
+    if node.op == "Conv":
+        return shape[0]
+    if node.op == "ConvTranspose":
+        return shape[1] * int(node.attrs.get("group", 1)) if len(shape) > 1 else 0
+    if node.op == "Gemm":
+        return shape[0] if int(node.attrs.get("transB", 0)) else shape[-1]
+    left = constant_weight_position(node) == 0
+    return shape[-2] if left and len(shape) > 1 else shape[-1]
 
 
 @dataclass
@@ -246,6 +263,7 @@ def model_stats(model: Model, input_shapes: dict[str, list[int]] | None = None) 
                 flops=_per_sample(_layer_flops(node, weight, shapes), batch),
                 precision=precision,
                 int8=precision in QUANTIZED_DTYPES and _activation_quantized(node),
+                out_channels=_out_channels(node, [int(d) for d in values.shape]),
             )
         )
     params = quant_params = weight_bytes = 0

@@ -177,8 +177,7 @@ class StructuredPruningPass(Pass):
             new = after_layers.get(layer.name)
             rows.append({
                 "name": layer.name, "op": layer.op,
-                "out_before": layer.weight_shape[0] if layer.op == "Conv" else layer.weight_shape[-1],
-                "out_after": (new.weight_shape[0] if layer.op == "Conv" else new.weight_shape[-1]) if new else 0,
+                "out_before": layer.out_channels, "out_after": new.out_channels if new else 0,
                 "params_before": layer.params, "params_after": new.params if new else 0,
                 "flops_before": layer.flops, "flops_after": new.flops if new else 0,
             })
