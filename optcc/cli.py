@@ -690,7 +690,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+        if ("default" in text or action.default is argparse.SUPPRESS or action.required
+                or not action.option_strings):
             return text
         if action.nargs == 0 and action.default is False:  # on/off flags
             return f"{text} (default: off)"
