@@ -373,7 +373,7 @@ def header_items(report: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     if report.get("metric"):
         items.append(("metric", f"{report['metric']['name']} on {report['metric']['data']}"))
-    items.append(("verification", f"{report['verification']['batch_size']} samples of "
+    items.append(("verification", f"{report['verification']['batch_size']} samples from "
                                   f"{report['verification']['data']} data, after every pass"))
     checks = report["verification"].get("batch_checks")
     if checks:
