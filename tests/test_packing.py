@@ -7,36 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sparse_nets import magnitude_2to4, random_2to4
 from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
 
 from optcc.sparse import packing
-
-# Every way a group of 4 can hold at most two non-zeros (bit j: element j is non-zero).
-MASKS = np.array([0b0000, 0b0001, 0b0010, 0b0100, 0b1000, 0b0011, 0b0101, 0b1001, 0b0110,
-                  0b1010, 0b1100])
-
-
-def random_2to4(m: int, k: int, dtype: np.dtype, seed: int, *, dense_groups: bool = False
-                ) -> np.ndarray:
-    """A random [m, k] weight where each group of 4 has one of the masks above (or exactly
-    two non-zeros with ``dense_groups``); non-zero values are never 0."""
-    rng = np.random.default_rng(seed)
-    if np.dtype(dtype) == np.int8:
-        values = rng.integers(1, 128, (m, k)) * rng.choice([-1, 1], (m, k))
-    else:
-        values = rng.uniform(0.25, 2.0, (m, k)) * rng.choice([-1, 1], (m, k))
-    masks = rng.choice(MASKS[5:] if dense_groups else MASKS, size=(m, k // 4))
-    keep = ((masks[..., None] >> np.arange(4)) & 1).astype(bool).reshape(m, k)
-    return np.where(keep, values, 0).astype(dtype)
-
-
-def magnitude_2to4(weight: np.ndarray) -> np.ndarray:
-    """Keep the two largest |w| of every group of 4 along the last axis."""
-    groups = weight.reshape(weight.shape[0], -1, 4)
-    order = np.argsort(-np.abs(groups), axis=-1, kind="stable")
-    keep = np.zeros_like(groups, dtype=bool)
-    np.put_along_axis(keep, order[..., :2], True, axis=-1)
-    return np.where(keep, groups, 0).reshape(weight.shape).astype(weight.dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.int8])

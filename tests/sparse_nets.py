@@ -1,0 +1,89 @@
+"""2:4 sparse weights and models for the kernel, packing and cuda-backend tests.
+
+Tests make their own 2:4 weights with the simplest rule (keep the two largest magnitudes of
+every group of four input channels); the sparsity pass itself is tested elsewhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Every way a group of 4 can hold at most two non-zeros (bit j: element j is non-zero).
+MASKS = np.array([0b0000, 0b0001, 0b0010, 0b0100, 0b1000, 0b0011, 0b0101, 0b1001, 0b0110,
+                  0b1010, 0b1100])
+
+
+def magnitude_2to4(weight: np.ndarray) -> np.ndarray:
+    """Keep the two largest |w| of every group of 4 along the last axis."""
+    groups = weight.reshape(weight.shape[0], -1, 4)
+    order = np.argsort(-np.abs(groups), axis=-1, kind="stable")
+    keep = np.zeros_like(groups, dtype=bool)
+    np.put_along_axis(keep, order[..., :2], True, axis=-1)
+    return np.where(keep, groups, 0).reshape(weight.shape).astype(weight.dtype)
+
+
+def random_2to4(m: int, k: int, dtype: np.dtype, seed: int, *, dense_groups: bool = False
+                ) -> np.ndarray:
+    """A random [m, k] weight where each group of 4 has one of the masks above (or exactly
+    two non-zeros with ``dense_groups``); non-zero values are never 0."""
+    rng = np.random.default_rng(seed)
+    if np.dtype(dtype) == np.int8:
+        values = rng.integers(1, 128, (m, k)) * rng.choice([-1, 1], (m, k))
+    else:
+        values = rng.uniform(0.25, 2.0, (m, k)) * rng.choice([-1, 1], (m, k))
+    masks = rng.choice(MASKS[5:] if dense_groups else MASKS, size=(m, k // 4))
+    keep = ((masks[..., None] >> np.arange(4)) & 1).astype(bool).reshape(m, k)
+    return np.where(keep, values, 0).astype(dtype)
+
+
+def sparsify_module(module):  # type: ignore[no-untyped-def]
+    """Make every Linear and 1x1 Conv weight of a torch module 2:4 along its input channels."""
+    import torch
+
+    with torch.no_grad():
+        for sub in module.modules():
+            weight = getattr(sub, "weight", None)
+            if isinstance(sub, torch.nn.Linear) or (
+                    isinstance(sub, torch.nn.Conv2d) and sub.kernel_size == (1, 1) and sub.groups == 1
+                    and sub.in_channels % 4 == 0):
+                flat = weight.reshape(weight.shape[0], -1).numpy()
+                weight.copy_(torch.from_numpy(magnitude_2to4(flat)).reshape(weight.shape))
+    return module
+
+
+def sparse_bert_style():  # type: ignore[no-untyped-def]
+    """tests.nets' BERT-style encoder with every Linear 2:4 sparse."""
+    from nets import bert_style
+
+    return sparsify_module(bert_style())
+
+
+def onnx_mlp(seed: int = 0, opset: int = 17):  # type: ignore[no-untyped-def]
+    """x[batch, 64] -> MatMul -> Add(b1) -> Relu -> MatMul -> Add(b2) -> Add(x) -> y, built
+    with onnx.helper; both weights 2:4 along K."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from optcc import Model
+
+    rng = np.random.default_rng(seed)
+
+    def weight(k: int, n: int) -> np.ndarray:  # [K, N], 2:4 along K for every column
+        return magnitude_2to4(rng.standard_normal((n, k)).astype(np.float32)).T.copy()
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Add", ["h", "b1"], ["hb"], name="fc1_bias"),
+        helper.make_node("Relu", ["hb"], ["a"], name="act"),
+        helper.make_node("MatMul", ["a", "w2"], ["o"], name="fc2"),
+        helper.make_node("Add", ["b2", "o"], ["ob"], name="fc2_bias"),  # bias first
+        helper.make_node("Add", ["ob", "x"], ["y"], name="residual"),
+    ]
+    inits = [numpy_helper.from_array(weight(64, 128), "w1"),
+             numpy_helper.from_array(rng.standard_normal(128).astype(np.float32), "b1"),
+             numpy_helper.from_array(weight(128, 64), "w2"),
+             numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b2")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return Model.from_proto(onnx.shape_inference.infer_shapes(proto))
