@@ -32,6 +32,7 @@ CORE_PLUGINS = (
     "optcc.data.builtin",
     "optcc.backends.onnxruntime",
     "optcc.backends.tensorrt",
+    "optcc.backends.cuda",
 )
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")

@@ -87,3 +87,64 @@ def onnx_mlp(seed: int = 0, opset: int = 17):  # type: ignore[no-untyped-def]
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     return Model.from_proto(onnx.shape_inference.infer_shapes(proto))
+
+
+def reference_epilogue(acc, alpha, bias, residual, *, activation: str = "none",  # type: ignore[no-untyped-def]
+                       residual_after_activation: bool = False, clip=None, out_scale: float = 1.0):
+    """The fused epilogue of kernels/optcc_kernels.h, on float64 torch tensors:
+    v = acc * alpha + bias; [+ residual]; act; [+ residual]; * out_scale."""
+    import torch
+
+    v = acc * alpha + bias
+    if residual is not None and not residual_after_activation:
+        v = v + residual
+    if activation == "relu":
+        v = torch.relu(v)
+    elif activation in ("gelu", "gelu_tanh"):
+        v = torch.nn.functional.gelu(v, approximate="tanh" if activation == "gelu_tanh" else "none")
+    elif activation == "clip":
+        v = torch.clamp(v, clip[0], clip[1])
+    if residual is not None and residual_after_activation:
+        v = v + residual
+    return v * out_scale
+
+
+class ReferenceRuntime:
+    """Stands in for the GPU runtime of optcc.backends.cuda on the CPU: same packed weights,
+    the kernel's math done by unpacking the weight and multiplying in float64."""
+
+    def __init__(self, fmt: str = "sm90") -> None:
+        import torch
+
+        self.format = fmt
+        self.device = torch.device("cpu")
+        self.calls: list[str] = []
+
+    def launch(self, layer, rows, out, residual, *, with_epilogue: bool) -> None:  # type: ignore[no-untyped-def]
+        import torch
+
+        from optcc.sparse.packing import PackedWeight, unpack
+
+        plan = layer.plan
+        values = layer.values
+        if values.dtype == torch.bfloat16:
+            values_np = values.view(torch.int16).numpy().view(np.float16)
+        else:
+            values_np = values.numpy()
+        packed = PackedWeight(values=values_np, meta=layer.meta.numpy(), format=self.format,
+                              shape=(plan.m, plan.k))
+        weight = torch.from_numpy(unpack(packed))
+        if values.dtype == torch.bfloat16:
+            weight = weight.view(torch.int16).view(torch.bfloat16)
+        acc = rows.double() @ weight.double().T
+        alpha = layer.alpha.double() if layer.alpha is not None else 1.0
+        bias = layer.bias.double() if layer.bias is not None else 0.0
+        v = reference_epilogue(
+            acc, alpha, bias, residual.double() if (with_epilogue and residual is not None) else None,
+            activation=plan.activation if with_epilogue else "none",
+            residual_after_activation=plan.residual_after_activation, clip=plan.clip,
+            out_scale=1.0 / plan.output_scale if (with_epilogue and plan.output_scale) else 1.0)
+        if out.dtype == torch.int8:
+            v = torch.clamp(torch.round(v), -128, 127)
+        out.copy_(v.to(out.dtype))
+        self.calls.append(plan.node)

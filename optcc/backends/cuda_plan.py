@@ -284,7 +284,7 @@ def plan_model(model: Model, *, precision: Precision = "float16", int8: bool = T
     for node in list(graph.nodes):
         if node.op not in ("MatMul", "Gemm", "Conv") or node.name in claimed:
             continue
-        result = _plan_layer(node, graph_outputs, precision=precision, int8=int8)
+        result = _plan_layer(node, graph_outputs, claimed, precision=precision, int8=int8)
         if isinstance(result, str):
             skipped.append(SkippedLayer(node.name, node.op, result))
             continue
@@ -296,8 +296,8 @@ def plan_model(model: Model, *, precision: Precision = "float16", int8: bool = T
     return DispatchPlan(layers=layers, skipped=skipped, precision=precision)
 
 
-def _plan_layer(node: gs.Node, graph_outputs: set[str], *, precision: str, int8: bool
-                ) -> SparseLayerPlan | str:
+def _plan_layer(node: gs.Node, graph_outputs: set[str], claimed: set[str], *, precision: str,
+                int8: bool) -> SparseLayerPlan | str:
     found = _weight(node)
     if found is None:
         return "no constant weight"
@@ -364,7 +364,7 @@ def _plan_layer(node: gs.Node, graph_outputs: set[str], *, precision: str, int8:
         layer.conv_strides = tuple(int(s) for s in node.attrs.get("strides", [1, 1]))
         if len(node.inputs) > 2 and node.inputs[2].name:
             layer.bias = node.inputs[2].name
-    _grow_epilogue(layer, chain, graph_outputs)
+    _grow_epilogue(layer, chain, graph_outputs, claimed)
     layer.nodes = [n.name for n in chain]
     return layer
 
@@ -382,20 +382,23 @@ def _bias_of(layer: SparseLayerPlan, add: gs.Node, y: gs.Tensor) -> gs.Tensor | 
     return other if ok else None
 
 
-def _grow_epilogue(layer: SparseLayerPlan, chain: list[gs.Node], graph_outputs: set[str]) -> None:
+def _grow_epilogue(layer: SparseLayerPlan, chain: list[gs.Node], graph_outputs: set[str],
+                   claimed: set[str]) -> None:
+    """Extend ``chain`` along the layer's output (see the module docstring); nodes another
+    layer already absorbed (a residual Add shared by two branches) end it."""
     y = chain[-1].outputs[0]
     stage = "bias" if layer.bias is None else "residual"
     while True:
         if stage in ("bias", "residual", "activation") and layer.activation == "none":
             gelu = _gelu_erf(y, graph_outputs)
-            if gelu is not None:
+            if gelu is not None and not claimed.intersection(n.name for n in gelu):
                 layer.activation = "gelu"
                 chain.extend(gelu)
                 y = gelu[-1].outputs[0]
                 stage = "post-residual" if layer.residual is None else "quantize"
                 continue
         reader = _only_reader(y, graph_outputs)
-        if reader is None:
+        if reader is None or reader.name in claimed:
             break
         if reader.op == "Add" and stage == "bias":
             bias = _bias_of(layer, reader, y)

@@ -1,0 +1,205 @@
+"""The cuda backend around the kernels: weight extraction and packing, operand layouts
+(rows, 1x1 convolutions, residuals), INT8 scales and requantization, the node overrides,
+and the tile tuner with its cache. The kernel itself is replaced by a CPU reference of the
+same math (sparse_nets.ReferenceRuntime) so that all of this runs without a GPU; the
+kernel's own correctness is in test_kernels.py (GPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from onnx import TensorProto
+from sparse_nets import ReferenceRuntime, onnx_mlp, sparsify_module
+from test_cuda_plan import TOKENS, _qdq_model
+
+from optcc import Model
+from optcc.backends.cuda import CudaBackend, CudaOptions, install_sparse_layers
+from optcc.backends.cuda_plan import plan_model
+from optcc.backends.cuda_tuning import KernelTuner, TuneKey, TuningCache
+from optcc.runtime import OrtRunner
+from optcc.torchview import GraphModule
+
+HERE = Path(__file__).parent
+
+
+def run_reference(model: Model, feeds: dict[str, np.ndarray], *, precision: str = "float16",
+                  fmt: str = "sm90") -> tuple[list[np.ndarray], ReferenceRuntime, object]:
+    plan = plan_model(model, precision=precision)  # type: ignore[arg-type]
+    module = GraphModule(model).eval()
+    runtime = ReferenceRuntime(fmt)
+    install_sparse_layers(module, model, plan, runtime)
+    # as on the GPU: the graph under autocast, the sparse layers returning 16-bit outputs
+    with torch.no_grad(), torch.autocast("cpu", dtype=getattr(torch, precision)):
+        outputs = module(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    return [o.float().numpy() for o in outputs], runtime, plan
+
+
+def assert_close(got: np.ndarray, expected: np.ndarray, rel: float) -> None:
+    assert np.isfinite(got).all()
+    scale = max(float(np.abs(expected).max()), 1e-6)
+    assert float(np.abs(got - expected).max()) <= rel * scale, float(np.abs(got - expected).max())
+
+
+@pytest.mark.parametrize("precision,fmt", [("float16", "sm90"), ("float16", "sm80"),
+                                           ("bfloat16", "sm90")])
+def test_mlp_through_the_overrides_matches_onnxruntime(precision: str, fmt: str) -> None:
+    model = onnx_mlp()
+    x = np.random.default_rng(0).standard_normal((7, 64)).astype(np.float32)  # odd batch
+    expected = OrtRunner(model).run({"x": x})[0]
+    (got,), runtime, _ = run_reference(model, {"x": x}, precision=precision, fmt=fmt)
+    assert runtime.calls == ["fc1", "fc2"]
+    assert_close(got, expected, 1e-2 if precision == "float16" else 4e-2)
+
+
+def test_int8_layer_quantizes_its_input_and_requantizes_its_output() -> None:
+    model = _qdq_model(TensorProto.INT8)
+    x = np.random.default_rng(3).standard_normal((4, 128)).astype(np.float32)
+    expected = OrtRunner(model).run({"x": x})[0]
+    (got,), runtime, plan = run_reference(model, {"x": x})
+    assert plan.layers[0].precision == "int8" and runtime.calls == ["fc"]
+    assert np.abs(got - expected).max() <= 0.05 + 1e-6  # one step of the output grid
+
+
+def test_residual_that_broadcasts_is_finished_in_torch() -> None:
+    model = onnx_mlp()
+    graph = model.graph
+    r = [t for t in graph.inputs if t.name == "x"][0]
+    # replace the residual x[batch, 64] by an input r[1, 64] that broadcasts over the batch
+    import onnx_graphsurgeon as gs
+
+    rb = gs.Variable("r", dtype=np.float32, shape=[1, 64])
+    graph.inputs.append(rb)
+    residual = next(n for n in graph.nodes if n.name == "residual")
+    residual.inputs = [residual.inputs[0] if residual.inputs[0] is not r else rb,
+                       rb if residual.inputs[1] is r else residual.inputs[1]]
+    model = Model.from_proto(model.to_proto())
+    feeds = {"x": np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32),
+             "r": np.random.default_rng(2).standard_normal((1, 64)).astype(np.float32)}
+    expected = OrtRunner(model).run(feeds)[0]
+    (got,), runtime, plan = run_reference(model, feeds)
+    assert plan.layers[1].residual == "r" and runtime.calls == ["fc1", "fc2"]
+    assert_close(got, expected, 1e-2)
+
+
+def test_bert_style_encoder_matches_onnxruntime() -> None:
+    from optcc.frontend import export_torch
+
+    model = export_torch("sparse_nets:sparse_bert_style", inputs=TOKENS, exporter="legacy",
+                         base_dir=HERE)
+    rng = np.random.default_rng(4)
+    feeds = {"input_ids": rng.integers(0, 100, (3, 16)).astype(np.int64),
+             "attention_mask": np.ones((3, 16), np.int64)}
+    feeds["attention_mask"][1, 10:] = 0
+    expected = OrtRunner(model).run(feeds)[0]
+    (got,), runtime, _ = run_reference(model, feeds)
+    assert len(runtime.calls) == 12
+    assert_close(got, expected, 3e-2)
+
+
+class Bottleneck(torch.nn.Module):
+    """ResNet-50 style: 1x1 reduce -> 3x3 -> 1x1 expand, residual (strided 1x1 shortcut)."""
+
+    def __init__(self, cin: int, mid: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.reduce = torch.nn.Conv2d(cin, mid, 1)
+        self.conv = torch.nn.Conv2d(mid, mid, 3, stride, 1)
+        self.expand = torch.nn.Conv2d(mid, cout, 1)
+        self.short = torch.nn.Conv2d(cin, cout, 1, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.reduce(x))
+        y = torch.relu(self.conv(y))
+        return torch.relu(self.expand(y) + self.short(x))
+
+
+def bottleneck_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return sparsify_module(torch.nn.Sequential(Bottleneck(64, 64, 128, 2),
+                                               Bottleneck(128, 64, 128, 1)).eval())
+
+
+def test_pointwise_convolutions_match_onnxruntime() -> None:
+    from optcc.frontend import export_torch
+
+    model = export_torch("test_cuda_backend:bottleneck_net",
+                         inputs=[{"name": "x", "shape": ["batch", 64, 8, 8]}], exporter="legacy",
+                         base_dir=HERE)
+    x = np.random.default_rng(5).standard_normal((2, 64, 8, 8)).astype(np.float32)
+    expected = OrtRunner(model).run({"x": x})[0]
+    (got,), runtime, plan = run_reference(model, {"x": x})
+    convs = {layer.node: layer for layer in plan.layers}
+    assert len(convs) == 6  # reduce, expand and shortcut of both blocks
+    assert any(layer.conv_strides == (2, 2) for layer in plan.layers)
+    assert sum(1 for layer in plan.layers if layer.residual) == 2
+    assert_close(got, expected, 1e-2)
+
+
+# ----------------------------------------------------------------------------- options
+def test_backend_is_listed_with_a_reason_when_unavailable() -> None:
+    ok, reason = CudaBackend.is_available()
+    if not ok:
+        assert reason
+    opts = CudaOptions(precision="bfloat16", arch="sm80", tune=False)
+    assert opts.precision == "bfloat16" and not opts.tune
+    with pytest.raises(ValueError):
+        CudaOptions(precision="float32")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- tuner
+def _key(n: int = 512) -> TuneKey:
+    return TuneKey("NVIDIA H200", "lib-a", 90, "float16", "float16", 768, n, 3072)
+
+
+def test_tuner_times_each_accepted_config_once_and_caches_the_fastest(tmp_path: Path) -> None:
+    cache = TuningCache(tmp_path / "tuning.json")
+    launched: list[int] = []
+    speeds = {0: 0.30, 1: 0.10, 2: 0.05}
+    timer = lambda launch: (launch(), speeds[launched[-1]])[1]  # noqa: E731
+    tuner = KernelTuner(cache)
+    chosen = tuner.choose(_key(), ["a", "b", "c"], accepts=lambda i: i != 2,
+                          launch=launched.append, timer=timer)
+    assert chosen == 1 and sorted(launched) == [0, 1]
+    assert tuner.choose(_key(), ["a", "b", "c"], accepts=lambda i: True, launch=launched.append,
+                        timer=timer) == 1 and len(launched) == 2  # remembered
+    # a new process reads the decision from the file without timing anything
+    code = ("import sys; from optcc.backends.cuda_tuning import KernelTuner, TuningCache, TuneKey\n"
+            "key = TuneKey('NVIDIA H200', 'lib-a', 90, 'float16', 'float16', 768, 512, 3072)\n"
+            f"tuner = KernelTuner(TuningCache({str(tmp_path / 'tuning.json')!r}))\n"
+            "def timer(launch): raise SystemExit('timed again')\n"
+            "print(tuner.choose(key, ['a', 'b', 'c'], lambda i: True, lambda i: None, timer))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
+    entry = json.loads((tmp_path / "tuning.json").read_text())["entries"][_key().text()]
+    assert entry["name"] == "b" and set(entry["times_ms"]) == {"a", "b"}
+
+
+def test_tuner_retunes_when_the_table_changed_and_keys_differ_by_shape(tmp_path: Path) -> None:
+    cache = TuningCache(tmp_path / "tuning.json")
+    cache.put(_key(), {"config": 1, "name": "old-name", "tuned": True})
+    timed: list[int] = []
+    tuner = KernelTuner(cache)
+    chosen = tuner.choose(_key(), ["a", "b"], lambda i: True, timed.append,
+                          lambda launch: (launch(), 1.0 if timed[-1] == 0 else 2.0)[1])
+    assert chosen == 0 and timed == [0, 1]
+    assert _key(512).text() != _key(1024).text()
+
+
+def test_disabled_tuner_takes_the_first_accepted_config(tmp_path: Path) -> None:
+    tuner = KernelTuner(TuningCache(tmp_path / "t.json"), enabled=False)
+    never = lambda launch: pytest.fail("timed")  # noqa: E731
+    assert tuner.choose(_key(), ["a", "b", "c"], lambda i: i > 0, lambda i: None, never) == 1
+    assert not (tmp_path / "t.json").exists()
+    with pytest.raises(ValueError, match="no kernel configuration accepts"):
+        tuner.choose(_key(64), ["a"], lambda i: False, lambda i: None, never)
+
+
+def test_unreadable_cache_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "tuning.json"
+    path.write_text("{not json")
+    assert TuningCache(path).get(_key()) is None
