@@ -24,6 +24,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from functools import cached_property
@@ -91,11 +92,20 @@ def kernels_source_dir() -> Path:
 def build_script() -> ModuleType:
     """``kernels/build.py`` imported as a module (it is standard-library only)."""
     path = kernels_source_dir() / "build.py"
-    spec = importlib.util.spec_from_file_location("optcc_kernels_build", path)
+    name = "optcc_kernels_build"
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == str(path):
+        return loaded
+    spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise KernelsUnavailable(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
     return module
 
 

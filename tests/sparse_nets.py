@@ -51,6 +51,23 @@ def sparsify_module(module):  # type: ignore[no-untyped-def]
     return module
 
 
+def sparse_bert_onnx(exporter: str = "legacy"):  # type: ignore[no-untyped-def]
+    """The 2:4 BERT-style encoder exported to ONNX, and a batch of padded token inputs."""
+    from pathlib import Path
+
+    from optcc.frontend import export_torch
+
+    tokens = [{"name": "input_ids", "shape": ["batch", 16], "dtype": "int64"},
+              {"name": "attention_mask", "shape": ["batch", 16], "dtype": "int64"}]
+    model = export_torch("sparse_nets:sparse_bert_style", inputs=tokens, exporter=exporter,
+                         base_dir=Path(__file__).parent)
+    rng = np.random.default_rng(4)
+    feeds = {"input_ids": rng.integers(0, 100, (5, 16)).astype(np.int64),
+             "attention_mask": np.ones((5, 16), np.int64)}
+    feeds["attention_mask"][1, 10:] = 0
+    return model, feeds
+
+
 def sparse_bert_style():  # type: ignore[no-untyped-def]
     """tests.nets' BERT-style encoder with every Linear 2:4 sparse."""
     from nets import bert_style
@@ -126,6 +143,8 @@ class ReferenceRuntime:
         from optcc.sparse.packing import PackedWeight, unpack
 
         plan = layer.plan
+        if self.format == "sm80":  # the library's contract for the Ampere-family kernels
+            assert rows.shape[0] % (16 if plan.precision == "int8" else 8) == 0, rows.shape
         values = layer.values
         if values.dtype == torch.bfloat16:
             values_np = values.view(torch.int16).numpy().view(np.float16)

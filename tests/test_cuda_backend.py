@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 from onnx import TensorProto
-from sparse_nets import ReferenceRuntime, onnx_mlp, sparsify_module
-from test_cuda_plan import TOKENS, _qdq_model
+from sparse_nets import ReferenceRuntime, onnx_mlp, sparse_bert_onnx, sparsify_module
+from test_cuda_plan import _qdq_model
 
 from optcc import Model
 from optcc.backends.cuda import CudaBackend, CudaOptions, install_sparse_layers
@@ -88,14 +88,7 @@ def test_residual_that_broadcasts_is_finished_in_torch() -> None:
 
 
 def test_bert_style_encoder_matches_onnxruntime() -> None:
-    from optcc.frontend import export_torch
-
-    model = export_torch("sparse_nets:sparse_bert_style", inputs=TOKENS, exporter="legacy",
-                         base_dir=HERE)
-    rng = np.random.default_rng(4)
-    feeds = {"input_ids": rng.integers(0, 100, (3, 16)).astype(np.int64),
-             "attention_mask": np.ones((3, 16), np.int64)}
-    feeds["attention_mask"][1, 10:] = 0
+    model, feeds = sparse_bert_onnx("legacy")
     expected = OrtRunner(model).run(feeds)[0]
     (got,), runtime, _ = run_reference(model, feeds)
     assert len(runtime.calls) == 12
@@ -203,3 +196,25 @@ def test_unreadable_cache_is_ignored(tmp_path: Path) -> None:
     path = tmp_path / "tuning.json"
     path.write_text("{not json")
     assert TuningCache(path).get(_key()) is None
+
+
+def test_node_overrides_replace_a_chain_and_name_unknown_nodes() -> None:
+    from optcc.errors import ModelError
+
+    model = onnx_mlp()
+    module = GraphModule(model).eval()
+    x = torch.randn(3, 64)
+    (reference,) = module(x=x)
+    seen: list[str] = []
+
+    def fused_first_layer(env):  # type: ignore[no-untyped-def]
+        seen.append("fused")
+        w1, b1 = (torch.from_numpy(model.tensor_map()[n].values) for n in ("w1", "b1"))
+        return {"a": torch.relu(env["x"] @ w1 + b1)}
+
+    module.set_node_overrides({"fc1": None, "fc1_bias": None, "act": fused_first_layer})
+    (got,) = module(x=x)
+    assert seen == ["fused"]
+    torch.testing.assert_close(got, reference)
+    with pytest.raises(ModelError, match="not in the graph: nope"):
+        module.set_node_overrides({"nope": None})

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import statistics
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -39,8 +38,6 @@ from optcc.hookspecs import hookimpl
 from optcc.ir.model import Model
 
 logger = logging.getLogger(__name__)
-
-_TORCH_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "int8": "int8"}
 
 
 class CudaOptions(BackendOptions):
@@ -81,6 +78,25 @@ def _device_arch(torch: Any, requested: str) -> int:
     if major == 9:
         return 90
     raise BackendError(f"cuda: no sparse kernels for sm_{major}{minor} (Ampere or Hopper needed)")
+
+
+def cuda_event_times(fn: Callable[[], Any], *, warmup: int, runs: int) -> list[float]:
+    """Milliseconds of each of ``runs`` calls of ``fn``, timed with CUDA events on the
+    current stream after ``warmup`` untimed calls (GPU time, launch gaps included)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(runs):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
 
 
 # ----------------------------------------------------------------------------- layers
@@ -164,6 +180,13 @@ class SparseKernelLayer:
         return residual.reshape(-1, self.plan.m).contiguous()
 
     # ------------------------------------------------------------------ call
+    def _row_multiple(self) -> int:
+        """The Ampere-family kernels need the token count N to be a multiple of 16 bytes of
+        elements (8, or 16 for INT8); the Hopper ones take any N."""
+        if self.runtime.format != "sm80":
+            return 1
+        return 16 if self.plan.precision == "int8" else 8
+
     def __call__(self, env: Mapping[str, Any]) -> dict[str, Any]:
         import torch
 
@@ -175,9 +198,12 @@ class SparseKernelLayer:
             residual = self._residual_rows(env[plan.residual], out_shape)
             if residual is None:
                 return self._unfused(env, rows, lead)
-        out = torch.empty((rows.shape[0], plan.m), dtype=self.out_dtype, device=rows.device)
+        tokens = rows.shape[0]
+        padded = -(-tokens // self._row_multiple()) * self._row_multiple()
+        rows, residual = _pad_rows(rows, padded), _pad_rows(residual, padded)
+        out = torch.empty((padded, plan.m), dtype=self.out_dtype, device=rows.device)
         self.runtime.launch(self, rows, out, residual, with_epilogue=True)
-        return {plan.output: self._output(out, lead)}
+        return {plan.output: self._output(out[:tokens], lead)}
 
     def _unfused(self, env: Mapping[str, Any], rows: Any, lead: tuple[int, ...]) -> dict[str, Any]:
         """The chain when the residual only broadcasts to the output: the kernel computes
@@ -185,9 +211,11 @@ class SparseKernelLayer:
         import torch
 
         plan = self.plan
-        out = torch.empty((rows.shape[0], plan.m), dtype=self.residual_dtype, device=rows.device)
-        self.runtime.launch(self, rows, out, None, with_epilogue=False)
-        value = self._output(out, lead).float()
+        tokens = rows.shape[0]
+        padded = -(-tokens // self._row_multiple()) * self._row_multiple()
+        out = torch.empty((padded, plan.m), dtype=self.residual_dtype, device=rows.device)
+        self.runtime.launch(self, _pad_rows(rows, padded), out, None, with_epilogue=False)
+        value = self._output(out[:tokens], lead).float()
         residual = env[plan.residual].float()
         if plan.residual_after_activation:
             value = _activate(torch, value, plan) + residual
@@ -197,6 +225,15 @@ class SparseKernelLayer:
             return {plan.output: torch.clamp(torch.round(value / plan.output_scale), -128, 127
                                              ).to(torch.int8)}
         return {plan.output: value.to(self.out_dtype)}
+
+
+def _pad_rows(rows: Any, count: int) -> Any:
+    """``rows`` with zero rows appended up to ``count`` (None stays None)."""
+    if rows is None or rows.shape[0] == count:
+        return rows
+    import torch
+
+    return torch.nn.functional.pad(rows, (0, 0, 0, count - rows.shape[0]))
 
 
 def _activate(torch: Any, value: Any, plan: SparseLayerPlan) -> Any:
@@ -246,7 +283,6 @@ class SparseRuntime:
         self.tuner = tuner
         self.device_name = torch.cuda.get_device_name(device)
         self.library_key = str(library.build_info.get("path", ""))
-        self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
 
     def _args(self, layer: SparseKernelLayer, rows: Any, out: Any, residual: Any,
               with_epilogue: bool) -> Any:
@@ -302,17 +338,10 @@ class SparseRuntime:
         args.config = config
         self.library.gemm(args, stream)
 
-    def _time(self, launch: Callable[[], None], repeats: int = 5) -> float:
-        start, end = self.events
-        launch()  # warm-up (first launch pays module loading)
-        times = []
-        for _ in range(repeats):
-            start.record()
-            launch()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+    @staticmethod
+    def _time(launch: Callable[[], None]) -> float:
+        # one warm-up call: the first launch of a kernel pays its module loading
+        return statistics.median(cuda_event_times(launch, warmup=1, runs=5))
 
 
 def _dtype_name(tensor: Any) -> str:
@@ -390,21 +419,9 @@ class CudaRunner:
 
     def latency(self, feeds: Mapping[str, np.ndarray], *, warmup: int, runs: int) -> list[float]:
         """Per-run times in ms (CUDA events around each forward, after ``warmup`` runs)."""
-        import torch
-
         inputs = self._inputs(feeds)
-        for _ in range(max(1, warmup)):  # at least one: tuning and module loading
-            self.forward(inputs)
-        torch.cuda.synchronize(self.device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(runs):
-            start.record()
-            self.forward(inputs)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return times
+        # at least one warm-up run: tile tuning and kernel loading happen there
+        return cuda_event_times(lambda: self.forward(inputs), warmup=max(1, warmup), runs=runs)
 
 
 # ----------------------------------------------------------------------------- backend
@@ -470,19 +487,6 @@ class CudaBackend(Backend):
             warmup=opts.warmup, threads=None, batch_size=batch,
             device=torch.cuda.get_device_name(),
         )
-
-
-def library_available() -> tuple[bool, str]:
-    """Whether the kernel library can be loaded or built here (without building it)."""
-    if os.environ.get("OPTCC_KERNELS_LIBRARY"):
-        return Path(os.environ["OPTCC_KERNELS_LIBRARY"]).is_file(), "OPTCC_KERNELS_LIBRARY"
-    from optcc.kernels import KernelsUnavailable, build_script
-
-    try:
-        build_script().toolchain()
-    except (KernelsUnavailable, Exception) as exc:  # BuildError is the script's own type
-        return False, str(exc)
-    return True, ""
 
 
 @hookimpl
