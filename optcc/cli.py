@@ -1,14 +1,18 @@
-"""The ``optcc`` command line: build | validate | passes | plugins | inspect | bench | schema.
+"""The ``optcc`` command line: build | validate | passes | plugins | inspect | bench | lint |
+predict | triton | schema.
 
 A user mistake (any :class:`optcc.OptccError`) prints one ``error:`` line, maybe a
 ``hint:`` line, and exits with status 2; an interrupted build exits 130; anything else is
-a bug in optcc and keeps its traceback (status 70). Heavy libraries are imported inside the
-commands, so ``optcc --help`` is fast and needs neither torch nor onnxruntime.
+a bug in optcc and keeps its traceback (status 70). SIGTERM interrupts like Ctrl-C (status
+143). File-system errors (permissions, a full or read-only disk) are user errors too.
+Heavy libraries are imported inside the commands, so ``optcc --help`` is fast and needs
+neither torch nor onnxruntime.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -20,6 +24,7 @@ T = TypeVar("T")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 EXIT_BUG = 70
 
 
@@ -123,7 +128,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 0
     console = _console()
     console.print(_table("passes", PASS_HEADERS, pass_rows(report)))
-    console.print(_table("latency", LATENCY_HEADERS, latency_rows(report)))
+    if latency_rows(report):
+        console.print(_table("latency", LATENCY_HEADERS, latency_rows(report)))
     summary = report["summary"]
     bits = []
     if summary.get("params_ratio") is not None:
@@ -135,16 +141,30 @@ def cmd_build(args: argparse.Namespace) -> int:
     console.print(_esc(", ".join(bits)))
     console.print(_esc(f"wrote {result.output_dir} ({report['final']['artifact']['path']}, "
                        "report.json, report.md)"))
+    engine = (report["final"]["artifact"].get("info") or {}).get("engine")
+    if engine is not None and not engine.get("built"):
+        console.print(_esc(f"engine not built here ({engine['reason']}); to build it on a GPU "
+                           f"machine: bash {result.output_dir}/build_engine.sh, or python "
+                           f"{result.output_dir}/build_engine.py"))
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from optcc.build import validate
+    from optcc.errors import RecipeErrors
     from optcc.plugins import get_registry
-    from optcc.recipe import load_recipe
 
     registry = get_registry()
     _warn_plugin_errors(registry, args.json)
-    plan = load_recipe(args.recipe, registry)
+    try:
+        plan = validate(args.recipe, output=args.output, registry=registry)
+    except RecipeErrors as exc:
+        if not args.json:
+            raise
+        _print_json({"recipe": str(args.recipe), "valid": False, "errors": [
+            {"file": e.file, "line": e.line, "col": e.col, "message": e.bare_message, "hint": e.hint}
+            for e in exc.errors]})
+        return EXIT_USER_ERROR
     info = {
         "recipe": str(plan.file),
         "valid": True,
@@ -152,7 +172,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         "target": plan.recipe.target.backend,
         "data": {role: d.source for role, d in plan.data.items()},
         "passes": [{"name": p.name, "plugin": p.plugin, "line": p.line} for p in plan.passes],
-        "output": str(plan.output_dir),
+        "output": str(plan.output_folder(args.output)),
     }
     if args.json:
         _print_json(info)
@@ -343,16 +363,100 @@ def cmd_lint(args: argparse.Namespace) -> int:
     from optcc.ir import Model
     from optcc.lint import lint_tensorrt
 
-    findings = lint_tensorrt(Model.load(args.model))
+    profiles = _lint_profiles(args)
+    findings = lint_tensorrt(Model.load(args.model), profiles=profiles)
     errors = sum(f.severity == "error" for f in findings)
+    warnings = sum(f.severity == "warning" for f in findings)
     if args.json:
         _print_json([f.to_dict() for f in findings])
     else:
         for finding in findings:
             print(finding)
-        print(f"{args.model}: {errors} error(s), {len(findings) - errors} warning(s) "
-              "against TensorRT's Q/DQ rules")
+        print(f"{args.model}: {errors} error(s), {warnings} warning(s), "
+              f"{len(findings) - errors - warnings} note(s) against TensorRT's ONNX parser "
+              "and Q/DQ rules")
     return 1 if errors else 0
+
+
+def _lint_profiles(args: argparse.Namespace) -> list[Any] | None:
+    """trtexec-style --min/--opt/--max-shapes (name:1x3x224x224,...) as profile entries."""
+    from optcc.backends.trt_build import ShapeProfile
+    from optcc.errors import OptccError
+
+    specs = {"min": args.min_shapes, "opt": args.opt_shapes, "max": args.max_shapes}
+    if not any(specs.values()):
+        return None
+    parsed: dict[str, dict[str, list[int]]] = {}
+    for which, text in specs.items():
+        for item in filter(None, (text or "").split(",")):
+            name, _, dims = item.rpartition(":")
+            try:
+                parsed.setdefault(name.strip("'"), {})[which] = [int(d) for d in dims.split("x")]
+            except ValueError as exc:
+                raise OptccError(f"--{which}-shapes '{item}': expected NAME:D1xD2x...") from exc
+    profiles = []
+    for name, shapes in parsed.items():
+        opt = shapes.get("opt") or shapes.get("max") or shapes.get("min")
+        profiles.append(ShapeProfile(name, shapes.get("min", opt), opt, shapes.get("max", opt)))
+    return profiles
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import os
+
+    import numpy as np
+
+    from optcc.errors import OptccError
+    from optcc.predict import load, load_npz
+
+    feeds = load_npz(args.input)
+    out = Path(args.output) if args.output else None
+    if out is not None:
+        if out.suffix != ".npz":
+            raise OptccError(f"-o {out}: the output file must end in .npz")
+        if out.exists() and not args.overwrite:
+            raise OptccError(f"{out} exists; it is left as it is", hint="pass --overwrite to replace it")
+        if not out.parent.is_dir():
+            raise OptccError(f"-o {out}: folder {out.parent} does not exist")
+    predictor = load(args.folder, backend=args.backend, batch_size=args.batch_size)
+    outputs = predictor.predict(feeds)
+    if out is not None:
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
+        try:
+            np.savez(tmp, **outputs)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    summary = {"backend": predictor.backend, "model": predictor.source,
+               "samples": int(next(iter(feeds.values())).shape[0]) if feeds else 0,
+               "outputs": {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in outputs.items()},
+               "written": str(out) if out else None}
+    if args.json:
+        _print_json(summary)
+    else:
+        shapes = ", ".join(f"{k}{v['shape']} {v['dtype']}" for k, v in summary["outputs"].items())
+        where = f"; wrote {out}" if out else ""
+        print(f"{summary['samples']} sample(s) on {predictor.backend}: {shapes}{where}")
+    return 0
+
+
+def cmd_triton(args: argparse.Namespace) -> int:
+    from optcc.triton import export_triton
+
+    result = export_triton(
+        args.folder, args.repository or Path(args.folder) / "triton", name=args.name,
+        backend=args.backend, max_batch_size=args.max_batch_size,
+        dynamic_batching=not args.no_dynamic_batching, instance_kind=args.kind,
+        instance_count=args.instances,
+    )
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"wrote {result['repository']}/{result['model']} ({result['platform']}, "
+              f"max_batch_size {result['max_batch_size']})")
+        for note in result["notes"]:
+            print(f"note: {note}")
+    return 0
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -399,6 +503,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a recipe without running it")
     p.add_argument("recipe")
+    p.add_argument("-o", "--output", help="the output folder a build would use (as for build)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_validate)
 
@@ -432,10 +537,38 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("lint", help="check a Q/DQ model against TensorRT's quantization rules")
+    p = sub.add_parser("lint", help="check a model against TensorRT's ONNX parser and Q/DQ rules")
     p.add_argument("model")
+    for which in ("min", "opt", "max"):
+        p.add_argument(f"--{which}-shapes", metavar="NAME:D1xD2,...",
+                       help=f"optimization profile {which} shapes, as trtexec takes them")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_lint)
+
+    p = sub.add_parser("predict", help="run a build's artifact on inputs from an .npz file")
+    p.add_argument("folder", help="the output folder of 'optcc build'")
+    p.add_argument("-i", "--input", required=True, help=".npz with one array per model input")
+    p.add_argument("-o", "--output", help=".npz to write the outputs to")
+    p.add_argument("--backend", help="run with this backend instead of the one that built it "
+                   "(e.g. onnxruntime for a TensorRT output on a machine without a GPU)")
+    p.add_argument("--batch-size", type=int, help="samples per run (default: from the build)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("triton", help="export a build as a Triton Inference Server model")
+    p.add_argument("folder", help="the output folder of 'optcc build'")
+    p.add_argument("-r", "--repository", help="model repository folder (default: FOLDER/triton)")
+    p.add_argument("--name", help="model name (default: the recipe's name)")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"],
+                   help="artifact to serve (default: the engine if built, else the ONNX model)")
+    p.add_argument("--max-batch-size", type=int, help="Triton max_batch_size (0: no batching)")
+    p.add_argument("--no-dynamic-batching", action="store_true")
+    p.add_argument("--kind", choices=["gpu", "cpu"], help="instance kind (default: gpu, or cpu "
+                   "for an onnxruntime build)")
+    p.add_argument("--instances", type=int, default=1, help="instances per device")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_triton)
 
     p = sub.add_parser("schema", help="write the recipe JSON Schema (for editors)")
     p.add_argument("-o", "--output", help="file to write (default: stdout)")
@@ -443,6 +576,29 @@ def make_parser() -> argparse.ArgumentParser:
                    help="optcc's own passes only, not those of other installed plugins")
     p.set_defaults(func=cmd_schema)
     return parser
+
+
+@contextlib.contextmanager
+def _sigterm_like_ctrl_c() -> Iterator[list[int]]:
+    """SIGTERM (``kill``, torchrun, a CI timeout) interrupts like Ctrl-C while a command
+    runs: the build cleans up and says where its output stands; the exit status is 143."""
+    import signal
+    import threading
+
+    received: list[int] = []  # truthy once SIGTERM has arrived
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,7 +611,15 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    with _sigterm_like_ctrl_c() as terminated:
+        code = _run(args)
+    return EXIT_TERMINATED if terminated and code == EXIT_INTERRUPTED else code
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the chosen command and turn its outcome into an exit status (module docstring)."""
     from optcc.errors import BuildInterrupted, OptccError
+    from optcc.resources import os_error
 
     try:
         return int(args.func(args) or 0)
@@ -466,9 +630,17 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OptccError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
+        for error in getattr(exc, "errors", [exc]):  # RecipeErrors: every error, in file order
+            print(f"error: {error}", file=sys.stderr)
+            if error.hint:
+                print(f"hint: {error.hint}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # the environment (permissions, full disk, ...), not a bug
+        mapped = os_error(exc, "file system error")
+        if mapped is None:
+            raise
+        print(f"error: {mapped}", file=sys.stderr)
+        print(f"hint: {mapped.hint}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception:
         import traceback

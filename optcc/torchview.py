@@ -27,6 +27,7 @@ fake quantization and no masks, and its module tree differs per op; optcc needs 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -49,7 +50,11 @@ except ImportError:  # pragma: no cover - exercised only without torch
 
 
 def _safe(name: str) -> str:
-    return "p_" + "".join(c if c.isalnum() else "_" for c in name) + f"_{abs(hash(name)) % 10**8}"
+    """The parameter key of initializer ``name``: readable, and made unique by a digest of
+    the full name. The digest is hashlib's, not ``hash()``: keys are saved in checkpoints
+    and shared by torchrun ranks, so they must be the same in every process."""
+    digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return "p_" + "".join(c if c.isalnum() else "_" for c in name) + f"_{digest}"
 
 
 def _ints(t: Any) -> list[int]:

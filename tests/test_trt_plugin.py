@@ -151,3 +151,22 @@ def test_convolutions_stay_with_tensorrt() -> None:
     model = Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     _, stats = insert_sparse_plugins(model)
     assert not stats["rewritten"] and "convolution" in stats["left_to_tensorrt"]["pw"]
+
+
+def test_tensorrt_lowering_applies_the_rewrite_only_when_named(tmp_path) -> None:
+    """Wired into the tensorrt backend's lowering: opt-in, the portable model untouched."""
+    from optcc.backends.tensorrt import TensorRTBackend, TensorRTOptions
+
+    default = TensorRTBackend(TensorRTOptions(engine="skip")).compile(onnx_mlp(), tmp_path / "a")
+    record = next(r for r in default.info["rewrites"] if r["name"] == "optcc-sparse-gemm")
+    assert not record["modified"] and "opt-in" in record["reason"]
+    assert default.info["build"]["onnx"] == "model.onnx"
+    named = TensorRTBackend(TensorRTOptions(engine="skip", rewrites=["optcc-sparse-gemm"])).compile(
+        onnx_mlp(), tmp_path / "b")
+    record = named.info["rewrites"][0]
+    assert record["modified"] and set(record["stats"]["rewritten"]) == {"fc1", "fc2"}
+    assert named.info["build"]["onnx"] == "model.tensorrt.onnx"
+    lowered = Model.load(tmp_path / "b" / "model.tensorrt.onnx")
+    assert {n.op for n in lowered.graph.nodes} >= {PLUGIN_NAME, PLUGIN_NAME_RESIDUAL}
+    portable = Model.load(tmp_path / "b" / "model.onnx")
+    assert "MatMul" in {n.op for n in portable.graph.nodes}

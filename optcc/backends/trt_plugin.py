@@ -14,6 +14,10 @@ Two halves, deliberately thin:
   point is to use the plugin only where it beats TensorRT's own sparse tactics, which only
   a measurement on the target GPU can tell (``bench/kernels.py`` records one).
   Convolutions stay with TensorRT.
+- :class:`SparseGemmPluginRewrite` (``optcc-sparse-gemm``): the same as a lowering rewrite of
+  the ``tensorrt`` backend. Opt-in: it acts only when the target names it
+  (``rewrites: [optcc-sparse-gemm]``), because TensorRT's own sparse tactics are the safe
+  default and only in-process builds can load a Python plugin.
 - :func:`register` (needs TensorRT 10+ and a GPU): registers the node's implementation as a
   TensorRT quickly-deployable plugin (``tensorrt.plugin``): a shape/type function and an
   ``impl`` that calls ``liboptcc_kernels.so`` on the engine's stream. Engines built with it
@@ -33,6 +37,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from optcc.backends.cuda_plan import SparseLayerPlan, plan_model
+from optcc.backends.lowering import LoweringContext, LoweringResult, LoweringRewrite
+from optcc.hookspecs import hookimpl
 from optcc.ir.model import Model
 from optcc.kernels import ACTIVATIONS
 from optcc.sparse.packing import pack
@@ -171,6 +177,60 @@ def select_measured_faster(timings: dict[str, dict[str, float]]) -> Callable[[Sp
         return bool(t) and t["optcc_ms"] < t["tensorrt_ms"]
 
     return select
+
+
+class SparseGemmPluginRewrite(LoweringRewrite):
+    """2:4 GEMM layers as optcc ``SparseGemm`` plugin nodes (opt-in)."""
+
+    name = "optcc-sparse-gemm"
+    summary = ("2:4 GEMM layers as optcc SparseGemm plugin nodes (opt-in; needs optcc in the "
+               "process that builds and runs the engine)")
+    targets = frozenset({"tensorrt"})
+
+    def apply(self, model: Model, ctx: LoweringContext) -> LoweringResult:
+        requested = getattr(ctx.options, "rewrites", None) or []
+        if self.name not in requested:
+            return LoweringResult(model, False, reason=(
+                f"opt-in: add rewrites: [{self.name}] to the target. The plugin runs optcc's "
+                "kernels through tensorrt.plugin, so the engine must be built and run by a "
+                "process with optcc (build_engine.sh/trtexec cannot load it); measure first "
+                "(bench/kernels.py): TensorRT's own sparse tactics may be faster"))
+        arch = _target_arch()
+        rewritten, stats = insert_sparse_plugins(model, arch=arch)
+        if not stats["rewritten"]:
+            return LoweringResult(model, False, stats=stats,
+                                  reason="no 2:4 GEMM layer fits optcc's kernels")
+        if _gpu_with_tensorrt():
+            register()  # the in-process engine build parses the plugin nodes next
+        return LoweringResult(rewritten, True, stats=stats)
+
+
+def _target_arch() -> int:
+    """The kernel family of the local GPU (Hopper: 90, else 80); 90 without a GPU."""
+    try:
+        from optcc.backends.tensorrt import gpu_present
+
+        if gpu_present()[0]:
+            import torch
+
+            if torch.cuda.is_available():
+                return 90 if torch.cuda.get_device_capability()[0] == 9 else 80
+    except ImportError:
+        pass
+    return 90
+
+
+def _gpu_with_tensorrt() -> bool:
+    import importlib.util
+
+    from optcc.backends.tensorrt import gpu_present
+
+    return importlib.util.find_spec("tensorrt") is not None and gpu_present()[0]
+
+
+@hookimpl
+def optcc_lowering_rewrites() -> list[type[LoweringRewrite]]:
+    return [SparseGemmPluginRewrite]
 
 
 # ----------------------------------------------------------------------------- TensorRT

@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +61,28 @@ class Model:
     # ------------------------------------------------------------------ load / save
     @classmethod
     def load(cls, path: str | Path) -> Model:
-        """Load an ONNX file (with external data, if it has any) and check its structure."""
-        path = Path(path)
+        """Load an ONNX file (with external data, if it has any) and check its structure.
+        A file system error (permissions, a name too long) is a clear error too."""
+        try:
+            return cls._load(Path(path))
+        except OSError as exc:
+            from optcc.resources import os_error
+
+            mapped = os_error(exc, "reading the model")
+            if mapped is not None:
+                raise mapped from exc
+            raise ModelError(f"cannot read the model: {exc.strerror or exc}", path=path) from exc
+
+    @classmethod
+    def _load(cls, path: Path) -> Model:
         if not path.exists():
             raise ModelError("model file not found", path=path)
         if path.is_dir():
             raise ModelError("expected an .onnx file, got a folder", path=path)
         try:
             proto = onnx.load(str(path), load_external_data=False)
+        except OSError:
+            raise
         except Exception as exc:  # protobuf DecodeError and friends
             raise ModelError(
                 f"not a valid ONNX model ({type(exc).__name__}: {exc})",
@@ -243,6 +257,38 @@ class Model:
             if n.name == name:
                 return n
         raise KeyError(name)
+
+    def replace_all_uses(
+        self,
+        old: gs.Tensor,
+        new: gs.Tensor,
+        *,
+        nodes: Iterable[gs.Node] | None = None,
+        graph_outputs: bool = False,
+    ) -> int:
+        """Make every node that reads ``old`` read ``new`` instead; return how many inputs
+        changed.
+
+        ``nodes`` limits the rewiring to those readers (give one reader its own copy of a
+        shared constant). Graph outputs keep ``old`` unless ``graph_outputs`` is True, so a
+        model's output names never change by accident. The producer of ``old`` is left as
+        it is: remove it, or let ``graph.cleanup()`` drop it once nothing reads it.
+        """
+        only = None if nodes is None else {id(n) for n in nodes}
+        changed = 0
+        for reader in list(old.outputs):
+            if only is not None and id(reader) not in only:
+                continue
+            for i, tensor in enumerate(reader.inputs):
+                if tensor is old:
+                    reader.inputs[i] = new
+                    changed += 1
+        if graph_outputs:
+            for i, tensor in enumerate(self.graph.outputs):
+                if tensor is old:
+                    self.graph.outputs[i] = new  # type: ignore[call-overload]
+                    changed += 1
+        return changed
 
     def toposorted_nodes(self) -> list[gs.Node]:
         self.graph.toposort()

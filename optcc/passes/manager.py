@@ -60,7 +60,13 @@ class ScheduledPass:
 def output_difference(
     new: list[np.ndarray], old: list[np.ndarray]
 ) -> tuple[float, float]:
-    """The largest absolute output change, and the largest reference magnitude."""
+    """The largest absolute output change, and the largest finite reference magnitude.
+
+    NaN and infinities never pass for "no change": a value that is not finite in one
+    model but is in the other, or a different non-finite value (NaN, +inf, -inf), counts as
+    an infinite change. Python's ``max`` would skip a NaN; numpy's reductions are used on
+    the finite values only.
+    """
     worst = 0.0
     scale = 0.0
     for a, b in zip(new, old, strict=True):
@@ -68,9 +74,35 @@ def output_difference(
             return float("inf"), 0.0
         a64 = a.astype(np.float64)
         b64 = b.astype(np.float64)
-        worst = max(worst, float(np.max(np.abs(a64 - b64))) if a.size else 0.0)
-        scale = max(scale, float(np.max(np.abs(b64))) if b.size else 0.0)
+        finite_a, finite_b = np.isfinite(a64), np.isfinite(b64)
+        if not np.array_equal(finite_a, finite_b) or not np.array_equal(
+            a64[~finite_a], b64[~finite_b], equal_nan=True
+        ):
+            return float("inf"), scale
+        if finite_a.any():
+            worst = max(worst, float(np.max(np.abs(a64[finite_a] - b64[finite_a]))))
+            scale = max(scale, float(np.max(np.abs(b64[finite_b]))))
     return worst, scale
+
+
+def nonfinite_outputs(
+    new: list[np.ndarray], old: list[np.ndarray], names: list[str]
+) -> str | None:
+    """Which outputs became NaN or infinite where the previous model's were finite, in
+    words; None when none did."""
+    found = []
+    for name, a, b in zip(names, new, old, strict=False):
+        if a.dtype.kind not in "fc" or a.shape != b.shape:
+            continue
+        fresh = ~np.isfinite(a) & np.isfinite(b)
+        if fresh.any():
+            nan = int(np.isnan(a[fresh]).sum())
+            inf = int(fresh.sum()) - nan
+            parts = [f"{nan} NaN"] * bool(nan) + [f"{inf} infinite"] * bool(inf)
+            found.append(f"output '{name}' has {' and '.join(parts)} value(s)")
+    if not found:
+        return None
+    return "; ".join(found) + " on the verification batch, where the model before it had finite values"
 
 
 class PassManager:
@@ -195,9 +227,15 @@ class PassManager:
         after = result.model
         try:
             verify_model(after)
-            outputs = OrtRunner(after).run(self.feeds)
+            runner = OrtRunner(after)
+            outputs = runner.run(self.feeds)
         except ModelError as exc:
             raise self._fail(item, VerificationError(exc.message, **common), before, ctx) from exc
+        broken = nonfinite_outputs(outputs, reference_outputs, runner.output_names)
+        if broken:  # lossy or not, a pass that makes NaN/inf has failed
+            raise self._fail(item, VerificationError(
+                broken, hint="NaN or infinite weights? (a learning rate or another option "
+                "too large, or data out of range)", **common), before, ctx)
         diff, scale = output_difference(outputs, reference_outputs)
         tolerance = p.effective_tolerance
         if tolerance.enforced and not tolerance.allows(diff, scale):

@@ -31,7 +31,7 @@ DATA_ROLES = ("calibration", "training", "evaluation")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class InputSpecModel(_Strict):
@@ -84,10 +84,29 @@ class TargetSpec(BaseModel):
     backend: str = Field("onnxruntime", description="Backend name (see 'optcc plugins').")
 
 
+class TritonSpec(_Strict):
+    """Triton Inference Server export options (``output: {triton: {...}}``)."""
+
+    name: str | None = Field(None, description="Model name in the repository (default: the recipe's name).")
+    max_batch_size: int | None = Field(
+        None, ge=0, description="Triton max_batch_size (default: the engine's largest profile "
+        "batch, or the target's batch_size, or 64; 0 turns batching off)."
+    )
+    dynamic_batching: bool = Field(True, description="Let Triton merge requests into batches.")
+    instance_kind: Literal["gpu", "cpu"] | None = Field(
+        None, description="Where instances run (default: gpu, or cpu for onnxruntime builds)."
+    )
+    instance_count: int = Field(1, ge=1, description="Model instances per device.")
+
+
 class OutputSpec(_Strict):
     path: str = Field(..., description="Output folder, relative to the recipe.")
     keep_stages: bool = Field(
         False, description="Also keep the model after every pass (stages/NN-name.onnx)."
+    )
+    triton: bool | TritonSpec = Field(
+        False, description="Also write a Triton Inference Server model repository into "
+        "OUTPUT/triton/ (the engine when it was built, else model.onnx)."
     )
 
 
@@ -107,7 +126,7 @@ class RecipeModel(_Strict):
     )
     passes: list[Any] = Field(default_factory=list, description="The passes, in order.")
     output: OutputSpec | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for everything random.")
 
 
 def type_name(annotation: Any) -> str:
