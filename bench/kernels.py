@@ -278,12 +278,13 @@ def bench_end_to_end(models_dir: Path, timing: dict[str, int]) -> list[dict[str,
     """Dense vs sparse latency of whole models through optcc's cuda backend."""
     import torch
 
+    from bench.gpu_models import unpack_minilm
     from optcc import Model
     from optcc.backends.cuda import CudaOptions, CudaRunner
 
     rows = []
     cases = []
-    minilm = models_dir / "minilm_2to4.onnx"
+    minilm = unpack_minilm(models_dir) or models_dir / "minilm_2to4.onnx"
     if minilm.is_file():
         data = np.load(models_dir / "minilm_2to4_inputs.npz")
         reps = -(-32 // data["input_ids"].shape[0])
@@ -385,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gemm {label}: M={m} K={k} N={n} float16, int8")
         for label, m, k, n in EPILOGUE_SHAPES:
             print(f"epilogue {label}: M={m} K={k} N={n}")
-        print(f"end to end: {args.models / 'minilm_2to4.onnx'} "
-              f"({'present' if (args.models / 'minilm_2to4.onnx').is_file() else 'missing'}), "
+        packed = args.models / "minilm_2to4.onnx.xz"
+        print(f"end to end: {packed} ({'present' if packed.is_file() else 'missing'}), "
               "ResNet-50-style CNN")
         return 0
     import torch

@@ -36,6 +36,7 @@ from optcc.backends.cuda_tuning import KernelTuner, TuneKey, TuningCache
 from optcc.errors import BackendError
 from optcc.hookspecs import hookimpl
 from optcc.ir.model import Model
+from optcc.predict import Predictor, onnx_io_specs
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,12 @@ class CudaOptions(BackendOptions):
     channels_last: bool = Field(
         True, description="Run 4-D activations channels-last, so 1x1 convolutions are GEMMs "
         "without copies.")
+    compare_atol: float = Field(
+        1e-2, ge=0, description="Outputs on the GPU against ONNX Runtime (report): absolute "
+        "tolerance (16-bit arithmetic).")
+    compare_rtol: float = Field(
+        2e-2, ge=0, description="Outputs on the GPU against ONNX Runtime (report): relative "
+        "tolerance.")
 
 
 def _gpu_present() -> tuple[bool, str]:
@@ -424,6 +431,21 @@ class CudaRunner:
         return cuda_event_times(lambda: self.forward(inputs), warmup=max(1, warmup), runs=runs)
 
 
+class CudaPredictor(Predictor):
+    """``optcc.load(folder).predict(...)`` for cuda builds: batches through :class:`CudaRunner`."""
+
+    backend = "cuda"
+
+    def __init__(self, path: Path, options: CudaOptions, *, batch_size: int | None = None) -> None:
+        specs, outputs = onnx_io_specs(path)
+        super().__init__(input_specs=specs, output_names=outputs, batch_size=batch_size,
+                         source=str(path))
+        self.runner = CudaRunner(Model.load(path), options)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.runner.run(feeds)
+
+
 # ----------------------------------------------------------------------------- backend
 class CudaBackend(Backend):
     """The model on the local NVIDIA GPU via torch, 2:4 layers on optcc's sparse kernels."""
@@ -472,6 +494,42 @@ class CudaBackend(Backend):
 
     def runner(self, artifact: Artifact) -> CudaRunner:
         return CudaRunner(Model.load(artifact.path), self.options)  # type: ignore[arg-type]
+
+    def check_artifact(self, artifact: Artifact, model: Model, feeds: dict[str, np.ndarray]
+                       ) -> dict[str, Any] | None:
+        """The model on the GPU (sparse kernels included) against ONNX Runtime on the
+        verification batch, output by output."""
+        from optcc.backends.compare import compare_outputs
+        from optcc.runtime import OrtRunner
+
+        opts: Any = self.options
+        runner = self.runner(artifact)
+        reference = OrtRunner(model)
+        expected = dict(zip(reference.output_names, reference.run(feeds), strict=True))
+        got = dict(zip(reference.output_names, runner.run(feeds), strict=True))
+        result = compare_outputs(expected, got, atol=opts.compare_atol, rtol=opts.compare_rtol)
+        result["against"] = "onnxruntime (CPU) on the verification batch"
+        if not result["passed"]:
+            logger.warning("cuda: outputs %s differ from ONNX Runtime beyond atol=%g rtol=%g",
+                           result["failed"], opts.compare_atol, opts.compare_rtol)
+        return result
+
+    @classmethod
+    def load_predictor(cls, output_dir: Path, report: dict[str, Any], *,
+                       batch_size: int | None = None, **options: Any) -> Any:
+        """``model.onnx`` on the GPU with the build's cuda options (overridable)."""
+        from optcc.errors import OptccError
+
+        path = output_dir / "model.onnx"
+        if not path.is_file():
+            raise OptccError(f"{output_dir}: model.onnx is missing; the folder is incomplete")
+        target = dict(report.get("target", {}).get("options", {}))
+        target.update(options)
+        backend = cls(CudaOptions.model_validate(
+            {k: v for k, v in target.items() if k in CudaOptions.model_fields}))
+        backend.ensure_available()
+        return CudaPredictor(path, backend.options,  # type: ignore[arg-type]
+                             batch_size=batch_size or target.get("batch_size"))
 
     def _measure_latency_impl(self, artifact: Artifact, feeds: dict[str, np.ndarray]
                               ) -> LatencyResult:
