@@ -290,6 +290,7 @@ class SparseRuntime:
         self.tuner = tuner
         self.device_name = torch.cuda.get_device_name(device)
         self.library_key = str(library.build_info.get("path", ""))
+        self._configs: dict[tuple[str, str], list[str]] = {}
 
     def _args(self, layer: SparseKernelLayer, rows: Any, out: Any, residual: Any,
               with_epilogue: bool) -> Any:
@@ -325,7 +326,9 @@ class SparseRuntime:
         args = self._args(layer, rows, out, residual, with_epilogue)
         stream = torch.cuda.current_stream(self.device).cuda_stream
         ab, d = layer.plan.precision, _dtype_name(out)
-        names = self.library.configs(self.arch, ab, d)
+        names = self._configs.get((ab, d))
+        if names is None:
+            names = self._configs[(ab, d)] = self.library.configs(self.arch, ab, d)
 
         def accepts(index: int) -> bool:
             args.config = index
