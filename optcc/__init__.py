@@ -43,6 +43,19 @@ _EXPORTS = {
     # running models (ONNX Runtime, CPU) and the trainable torch view
     "OrtRunner": "optcc.runtime",
     "GraphModule": "optcc.torchview",
+    # N:M (2:4) sparsity patterns
+    "NMPattern": "optcc.sparse",
+    "SparseLayer": "optcc.sparse",
+    "sparse_layer": "optcc.sparse",
+    "sparse_layers": "optcc.sparse",
+    "weight_matrix": "optcc.sparse",
+    "matrix_to_weight": "optcc.sparse",
+    "nm_keep": "optcc.sparse",
+    "check_matrix": "optcc.sparse",
+    "pattern_fit": "optcc.sparse",
+    "tensorrt_eligibility": "optcc.sparse",
+    "layer_compliance": "optcc.sparse",
+    "restore_nm_patterns": "optcc.sparse",
     # passes
     "Pass": "optcc.passes",
     "PassOptions": "optcc.passes",

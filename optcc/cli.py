@@ -263,6 +263,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     model = Model.load(args.model)
     stats = model_stats(model, _parse_shapes(args.shape))
+    nm = _nm_compliance(model, args.sparsity_pattern)
     info = {
         "model": str(args.model),
         "file_bytes": Path(args.model).stat().st_size,
@@ -271,6 +272,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                    for t in model.inputs],
         "outputs": [t.name for t in model.outputs],
         **stats.to_dict(),
+        "nm_compliance": {"pattern": args.sparsity_pattern, "layers": list(nm.values())},
         "history": model.meta.history,
     }
     if args.json:
@@ -285,12 +287,43 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                   f"INT8 coverage: {100 * stats.int8_coverage:.1f} %")
     console.print(_table("ops", ["op", "count"], [[k, str(v)] for k, v in stats.op_histogram.items()]))
     rows = [[layer.name, layer.op, "×".join(map(str, layer.weight_shape)), fmt_int(layer.params),
-             fmt_int(layer.flops), f"{100 * layer.sparsity:.1f} %",
+             fmt_int(layer.flops), f"{100 * layer.sparsity:.1f} %", _nm_cell(nm.get(layer.name)),
              layer.precision + (" W8A8" if layer.int8 else "")] for layer in stats.layers]
-    console.print(_table("layers", ["layer", "op", "weight", "params", "FLOPs", "sparsity", "precision"], rows))
+    console.print(_table("layers", ["layer", "op", "weight", "params", "FLOPs", "sparsity",
+                                    args.sparsity_pattern, "precision"], rows))
+    console.print(_esc(_nm_summary(args.sparsity_pattern, nm)))
     if model.meta.history:
         console.print(_esc("passes applied: " + " → ".join(h["pass"] for h in model.meta.history)))
     return 0
+
+
+def _nm_compliance(model: Any, pattern: str) -> dict[str, dict[str, Any]]:
+    """Per-layer N:M compliance rows (``optcc.sparse.layer_compliance``) by layer name."""
+    from optcc.errors import OptccError
+    from optcc.sparse import layer_compliance
+
+    try:
+        return {row["name"]: row for row in layer_compliance(model, pattern)}
+    except ValueError as exc:
+        raise OptccError(f"--sparsity-pattern: {exc}") from exc
+
+
+def _nm_cell(row: dict[str, Any] | None) -> str:
+    if row is None or row["status"] == "n/a":
+        return "–"
+    if row["status"] == "nearly":
+        return f"nearly ({row['violating']} groups off)"
+    return str(row["status"])
+
+
+def _nm_summary(pattern: str, nm: dict[str, dict[str, Any]]) -> str:
+    counts = {s: sum(r["status"] == s for r in nm.values()) for s in ("complies", "nearly", "no")}
+    text = (f"{pattern} compliance: {counts['complies']} layer(s) comply, {counts['nearly']} nearly, "
+            f"{counts['no']} do not, {sum(r['status'] == 'n/a' for r in nm.values())} cannot "
+            "(reduction length not a multiple of M, depthwise)")
+    if counts["nearly"]:
+        text += "; `optcc lint` names the groups that break it"
+    return text + ". Sparse tensor cores need NVIDIA GPUs: ONNX Runtime on CPU gains no speed."
 
 
 def _parse_shapes(values: list[str] | None) -> dict[str, list[int]] | None:
@@ -373,8 +406,8 @@ def cmd_lint(args: argparse.Namespace) -> int:
         for finding in findings:
             print(finding)
         print(f"{args.model}: {errors} error(s), {warnings} warning(s), "
-              f"{len(findings) - errors - warnings} note(s) against TensorRT's ONNX parser "
-              "and Q/DQ rules")
+              f"{len(findings) - errors - warnings} note(s) against TensorRT's ONNX parser, "
+              "Q/DQ and 2:4 sparsity rules")
     return 1 if errors else 0
 
 
@@ -517,10 +550,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("inspect", help="ops, parameters, sparsity and INT8 coverage of a model")
+    p = sub.add_parser("inspect", help="ops, parameters, sparsity (and 2:4 compliance) and INT8 coverage of a model")
     p.add_argument("model")
     p.add_argument("--shape", action="append", metavar="NAME=D1,D2,...",
                    help="concrete input shape for FLOPs (dynamic dims default to 1)")
+    p.add_argument("--sparsity-pattern", default="2:4", metavar="N:M",
+                   help="N:M pattern whose per-layer compliance is shown (default 2:4)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
@@ -537,7 +572,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("lint", help="check a model against TensorRT's ONNX parser and Q/DQ rules")
+    p = sub.add_parser("lint", help="check a model against TensorRT's ONNX parser, Q/DQ and 2:4 sparsity rules")
     p.add_argument("model")
     for which in ("min", "opt", "max"):
         p.add_argument(f"--{which}-shapes", metavar="NAME:D1xD2,...",

@@ -185,6 +185,16 @@ class GraphModule(_Base):
                 key = _safe(node.inputs[0].name)
                 self.params[key] = nn.Parameter(torch.from_numpy(real))
                 self.param_of[node.inputs[0].name] = key
+                # Sparsity survives QAT: a metadata mask, or the entries at the zero point
+                # (with keep_zeros, or when the layer is marked N:M sparse) stay zero.
+                mask = model.meta.tensors.get(node.inputs[0].name, {}).get("mask")
+                at_zero = q == zp.astype(q.dtype).reshape(shape)
+                sparse_layer = any("sparsity" in model.meta.nodes.get(c.name, {})
+                                   for c in node.outputs[0].outputs)
+                if mask is None and (keep_zeros or sparse_layer) and np.any(at_zero):
+                    mask = ~at_zero
+                if mask is not None:
+                    self.masks[key] = torch.from_numpy(np.asarray(mask, dtype=bool))
                 self.int8_weights[node.outputs[0].name] = (node.inputs[0].name, node.inputs[1].name,
                                                            node.inputs[2].name if len(node.inputs) > 2 else "", axis)
         for node in self.nodes:  # running statistics are state, not trainable weights

@@ -24,6 +24,7 @@ from optcc import (
     channels,
     hookimpl,
     model_stats,
+    restore_nm_patterns,
 )
 
 from .importance import (
@@ -166,6 +167,9 @@ class StructuredPruningPass(Pass):
             return PassResult(model, False, stats, reason="nothing to prune: " + (
                 "; ".join(f"{k}: {v}" for k, v in list(blocked.items())[:3]) or "no prunable group"))
         channels.slice_channels(model, analysis, removed)
+        nm_patterns = restore_nm_patterns(model)  # 2:4 layers whose input channels shifted
+        if nm_patterns:
+            stats["nm_patterns"] = nm_patterns
         after = model_stats(model)
         after_layers = {layer.name: layer for layer in after.layers}
         rows = []
