@@ -246,7 +246,7 @@ def verification_feeds(
     random = RandomSource(
         RandomOptions(samples=size, seed=plan.recipe.seed), inputs=specs, role="verification"
     )
-    return random.first_batch(size).inputs, "random"
+    return random.first_batch(size).inputs, random.describe()
 
 
 def _absolute_data(plan: Plan) -> dict[str, Any]:
@@ -379,6 +379,8 @@ def run_passes(
     )
     report["passes"] = manager.records  # filled as passes finish, kept on failure
     final, _ = manager.run(original, ctx)
+    if manager.batch_checks is not None:
+        report["verification"]["batch_checks"] = manager.batch_checks.summary()
     return final
 
 

@@ -291,7 +291,10 @@ def test_backend_options_and_verification_source(tmp_path: Path, demo_copy: Path
     ).replace("data:\n", "data:\n  calibration: {source: digits, split: train, limit: 64}\n").replace(
         "passes:", "verification: {source: calibration, batch_size: 4}\npasses:")
     report = build(write_recipe(tmp_path, text)).report
-    assert report["verification"] == {"batch_size": 4, "data": "calibration"}
+    assert report["verification"] == {
+        "batch_size": 4, "data": "calibration",
+        "batch_checks": {"probes": ["batch size 1", "batch size 3"], "independence": True, "skipped": {}},
+    }
     assert "model.ort-optimized.onnx" in report["final"]["artifact"]["files"]
     assert (tmp_path / "out" / "model.ort-optimized.onnx").exists()
     assert report["final"]["latency"]["batch_size"] == 32

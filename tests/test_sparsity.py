@@ -514,7 +514,10 @@ target: {{runs: 2, warmup: 1}}
     result = build(recipe, output=tmp_path / "out")
     stats = result.report["passes"][0]["stats"]
     assert stats["sparsified_layers"] == 12 and stats["dense_layers"] == 0
-    assert all(row["output_error"] < 0.1 for row in stats["layers"])
+    # Random-init weights have no structure to keep: half of each layer's weights cost about
+    # 11 % relative output error (measured) on varied token ids, which the random source
+    # draws from the vocabulary (it used to feed all-zero ids).
+    assert all(row["output_error"] < 0.15 for row in stats["layers"])
     final = Model.load(tmp_path / "out" / "model.onnx")
     assert {row["status"] for row in layer_compliance(final)} == {"complies"}
     assert result.report["final"]["metric"]["agreement"] > 0.9

@@ -37,11 +37,18 @@ class Batch:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """A model input: name, shape (``None`` or a string for dynamic dimensions), dtype."""
+    """A model input: name, shape (``None`` or a string for dynamic dimensions), dtype.
+
+    ``index_limit``: for an integer input that indexes a table (token ids into an
+    embedding), valid values are ``[0, index_limit)``; ``index_table`` names the table.
+    ``None`` when the model does not say (see :func:`optcc.ir.indices.index_ranges`).
+    """
 
     name: str
     shape: tuple[int | str | None, ...]
     dtype: np.dtype
+    index_limit: int | None = None
+    index_table: str | None = None
 
     def describe(self) -> str:
         dims = ",".join(str(d) if isinstance(d, int) else (d or "?") for d in self.shape)

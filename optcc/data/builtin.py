@@ -246,14 +246,33 @@ class RandomOptions(DataOptions):
 
 
 class RandomSource(DataSource):
-    """Random inputs shaped like the model's inputs: normal floats, zero integers.
+    """Random inputs shaped like the model's inputs.
 
-    Only for output-agreement checks; accuracy on random data means nothing.
+    - float inputs: standard normal values;
+    - integer inputs that index a table (token ids into an embedding, found by following
+      the input to a ``Gather``): ids drawn uniformly from the table's rows ``[0, rows)``;
+    - other integer and boolean inputs (attention masks, counts): ones — a valid index, a
+      mask that masks nothing.
+
+    :meth:`describe` says what was generated for each input. Only for output-agreement
+    checks; accuracy on random data means nothing.
     """
 
     name = "random"
     summary = "Random inputs shaped like the model's (agreement checks only)."
     Options = RandomOptions
+
+    def describe(self) -> str:
+        parts = []
+        for spec in self.input_specs:
+            if spec.dtype.kind == "f":
+                parts.append(f"{spec.name}: normal(0, 1)")
+            elif spec.index_limit is not None and spec.dtype.kind in "iu":
+                parts.append(f"{spec.name}: ids in [0, {spec.index_limit}) "
+                             f"(rows of '{spec.index_table}')")
+            else:
+                parts.append(f"{spec.name}: ones")
+        return "random (" + "; ".join(parts) + ")" if parts else "random"
 
     def _samples(self) -> Iterator[Chunk]:
         """Drawn chunk by chunk, so that ``samples`` may exceed memory (one input's values
@@ -280,8 +299,10 @@ class RandomSource(DataSource):
                 shape = [n, *tails[spec.name]]
                 if spec.dtype.kind == "f":
                     inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+                elif spec.index_limit is not None and spec.dtype.kind in "iu":
+                    inputs[spec.name] = rng.integers(0, spec.index_limit, shape).astype(spec.dtype)
                 else:
-                    inputs[spec.name] = np.zeros(shape, dtype=spec.dtype)
+                    inputs[spec.name] = np.ones(shape, dtype=spec.dtype)
             yield inputs, None
 
 

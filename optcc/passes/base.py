@@ -200,6 +200,14 @@ class Pass:
         return frozenset(cls.requires)
 
     @classmethod
+    def couples_samples(cls, options: PassOptions) -> bool:
+        """Whether the pass, with these options, makes a sample's output depend on the other
+        samples in its batch by design (dynamic quantization: one scale per batch). The pass
+        manager checks that every pass keeps samples independent unless it says so here;
+        see :mod:`optcc.passes.batch`. Default: False."""
+        return False
+
+    @classmethod
     def problems_in_recipe(cls, options: PassOptions, earlier: list[str]) -> list[str]:
         """What is wrong with these options at this place in the recipe beyond their types,
         one sentence each: a reference to a pass that does not run before this one, say.
