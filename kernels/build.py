@@ -298,6 +298,21 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def cached(
+    *,
+    targets: list[str] | None = None,
+    cache_dir: Path | None = None,
+    nvcc: str | None = None,
+    cutlass: str | None = None,
+) -> Path | None:
+    """The cached library of the current sources and toolchain, or None; compiles nothing
+    (it runs ``nvcc --version`` to know the key)."""
+    targets = sorted(targets or list(TARGETS))
+    key = build_key(toolchain(nvcc, cutlass), targets)
+    library = Path(cache_dir or default_cache_dir()) / key / LIBRARY_NAME
+    return library if library.is_file() else None
+
+
 def build(
     *,
     targets: list[str] | None = None,

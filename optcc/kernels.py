@@ -111,16 +111,23 @@ def build_script() -> ModuleType:
 
 def library_path(*, build: bool = True, progress: Callable[[str], None] | None = None,
                  targets: list[str] | None = None) -> Path:
-    """Path of the library: the prebuilt one, the cached build, or a fresh build."""
+    """Path of the library: the prebuilt one, the cached build, or (``build``) a fresh
+    build. With ``build=False`` nothing is compiled: no prebuilt or cached library raises
+    :class:`KernelsUnavailable`."""
     prebuilt = os.environ.get("OPTCC_KERNELS_LIBRARY")
     if prebuilt:
         if not Path(prebuilt).is_file():
             raise KernelsUnavailable(f"OPTCC_KERNELS_LIBRARY={prebuilt} does not exist")
         return Path(prebuilt)
-    if not build:
-        raise KernelsUnavailable("no prebuilt library given and building is disabled")
     script = build_script()
     try:
+        if not build:
+            found = script.cached(targets=targets)
+            if found is None:
+                raise KernelsUnavailable(
+                    "liboptcc_kernels.so is not built for these sources and this toolchain "
+                    "(python kernels/build.py builds it; minutes)")
+            return Path(found)
         return Path(script.build(targets=targets, progress=progress or logger.info))
     except script.BuildError as exc:
         raise KernelsUnavailable(str(exc)) from exc
