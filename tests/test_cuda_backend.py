@@ -237,3 +237,86 @@ def test_sparsity_pass_output_runs_on_the_kernels() -> None:
     (got,), runtime, plan = run_reference(sparse, {"x": x})
     assert runtime.calls == ["fc1", "fc2"] and not plan.skipped
     assert_close(got, expected, 1e-2)
+
+
+# ----------------------------------------------------------------------------- kernel calls
+@pytest.mark.parametrize("case,fmt", [("mlp", "sm90"), ("mlp", "sm80"), ("int8", "sm90"),
+                                      ("int8", "sm80"), ("bert", "sm90")])
+def test_kernel_arguments_of_every_layer_pass_the_librarys_checks(library, case: str,
+                                                                  fmt: str) -> None:
+    """The C arguments the backend fills for each planned layer (operand pointers, element
+    types, epilogue codes, scales) are what the plan says, and the library's own host-side
+    checks accept them for at least one compiled configuration, fused and unfused."""
+    from optcc.backends.cuda import SparseRuntime
+    from optcc.kernels import ACTIVATIONS, DTYPE_CODES
+
+    model = {"mlp": onnx_mlp, "int8": lambda: _qdq_model(TensorProto.INT8),
+             "bert": lambda: sparse_bert_onnx("legacy")[0]}[case]()
+    plan = plan_model(model)
+    arch = 90 if fmt == "sm90" else 80
+    runtime = SparseRuntime(library, arch, torch.device("cpu"),
+                            KernelTuner(TuningCache(None), enabled=False), device_name="host")
+    layers = install_sparse_layers(GraphModule(model).eval(), model, plan, runtime)
+    assert len(layers) == len(plan.layers) > 0
+    for layer in layers:
+        p = layer.plan
+        tokens = -(-13 // layer._row_multiple()) * layer._row_multiple()
+        rows = torch.zeros(tokens, p.k, dtype=torch.int8 if p.precision == "int8" else layer.in_dtype)
+        out = torch.empty(tokens, p.m, dtype=layer.out_dtype)
+        residual = torch.zeros(tokens, p.m, dtype=layer.residual_dtype) if p.residual else None
+        for fused in (True, False):
+            args = runtime._args(layer, rows, out, residual, with_epilogue=fused)
+            assert (args.m, args.n, args.k, args.arch) == (p.m, tokens, p.k, arch)
+            assert (args.ab_dtype, args.d_dtype) == (DTYPE_CODES[p.precision], DTYPE_CODES[p.output_dtype])
+            assert (args.a_values, args.a_meta) == (layer.values.data_ptr(), layer.meta.data_ptr())
+            assert (args.b, args.d) == (rows.data_ptr(), out.data_ptr())
+            assert args.alpha == (layer.alpha.data_ptr() if layer.alpha is not None else None)
+            assert args.bias == (layer.bias.data_ptr() if layer.bias is not None else None)
+            if fused:
+                assert args.activation == ACTIVATIONS[p.activation]
+                assert args.residual == (residual.data_ptr() if residual is not None else None)
+                expected_scale = 1.0 / p.output_scale if p.output_scale else 1.0
+                assert args.out_scale == pytest.approx(expected_scale)
+            else:
+                assert args.activation == ACTIVATIONS["none"] and args.residual is None
+            names = library.configs(arch, p.precision, p.output_dtype)
+            verdicts = []
+            for index in range(len(names)):
+                args.config = index
+                verdicts.append(library.check(args))
+            assert None in verdicts, (p.node, verdicts)
+    if case == "int8":
+        p = plan.layers[0]
+        assert p.output_dtype == "int8" and layers[0].alpha is not None
+        # alpha folds the input scale and the per-channel weight scale: s_x * s_w[m]
+        np.testing.assert_allclose(layers[0].alpha.numpy(), 0.02 * 0.01, rtol=1e-6)
+
+
+def test_build_for_cuda_without_a_gpu_stops_with_one_error_and_touches_no_cuda(tmp_path: Path) -> None:
+    """`optcc build` and `optcc validate` of a cuda recipe on a machine without a GPU: one
+    error naming the recipe and the backend, before any pass, no output folder, and CUDA
+    never initialized in the process."""
+    ok, _ = CudaBackend.is_available()
+    if ok:
+        pytest.skip("this machine has a usable GPU")
+    demo = Path(__file__).resolve().parent.parent / "optcc" / "demo" / "digits_cnn.onnx"
+    recipe = tmp_path / "cuda.yaml"
+    recipe.write_text(f"version: 1\nmodel: {demo}\ntarget: {{backend: cuda}}\n"
+                      "passes: [fold-constants, {sparsify-2of4: {method: magnitude}}]\n"
+                      f"output: {tmp_path / 'out'}\n")
+    code = ("import sys\nfrom optcc.cli import main\n"
+            "rc = main([sys.argv[1], sys.argv[2]])\n"
+            "torch = sys.modules.get('torch')\n"
+            "print('cuda-initialized', bool(torch and torch.cuda.is_initialized()))\n"
+            "sys.exit(rc)\n")
+    for command in ("build", "validate"):
+        done = subprocess.run([sys.executable, "-c", code, command, str(recipe)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert "cuda-initialized False" in done.stdout
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, done.stderr
+        if command == "validate":  # located in the recipe: file, line and column
+            assert f"{recipe}:3:" in errors[0]
+        assert "backend 'cuda' is not available" in errors[0]
+        assert not (tmp_path / "out").exists()

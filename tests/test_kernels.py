@@ -11,7 +11,6 @@ that need the library use a prebuilt one (``OPTCC_KERNELS_LIBRARY``) or the buil
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import zlib
@@ -37,26 +36,6 @@ from optcc.sparse import packing
 REPO = Path(__file__).resolve().parent.parent
 TYPE_PAIRS = [("float16", "float16"), ("bfloat16", "bfloat16"), ("int8", "float16"),
               ("int8", "int8")]
-
-
-@pytest.fixture(scope="session")
-def library():
-    """The library: prebuilt, cached, or (OPTCC_TEST_BUILD_KERNELS=1) built now. No
-    toolchain or no build: skip. A build that was asked for and fails: fail, so that a
-    compile error never passes as a skip."""
-    build = os.environ.get("OPTCC_TEST_BUILD_KERNELS") == "1"
-    if not os.environ.get("OPTCC_KERNELS_LIBRARY"):
-        try:
-            build_script().toolchain()
-        except Exception as exc:  # noqa: BLE001  (the build script's BuildError)
-            pytest.skip(f"no toolchain to build the kernels: {exc}")
-        if not build and build_script().cached() is None:
-            pytest.skip("liboptcc_kernels.so is not built: run `python kernels/build.py` "
-                        "(minutes) or set OPTCC_TEST_BUILD_KERNELS=1")
-    try:
-        return load(build=build)
-    except KernelsUnavailable as exc:
-        pytest.fail(f"the kernel library did not build or load: {exc.reason}")
 
 
 # ----------------------------------------------------------------------------- CPU

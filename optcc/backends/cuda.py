@@ -280,15 +280,18 @@ def _weight_zero_point(plan: SparseLayerPlan, tensors: Mapping[str, Any], m: int
 class SparseRuntime:
     """What the layers share: the library, the kernel family, the device and the tuner."""
 
-    def __init__(self, library: Any, arch: int, device: Any, tuner: KernelTuner) -> None:
-        import torch
-
+    def __init__(self, library: Any, arch: int, device: Any, tuner: KernelTuner,
+                 device_name: str | None = None) -> None:
         self.library = library
         self.arch = arch
         self.format = "sm90" if arch == 90 else "sm80"
         self.device = device
         self.tuner = tuner
-        self.device_name = torch.cuda.get_device_name(device)
+        if device_name is None:
+            import torch
+
+            device_name = torch.cuda.get_device_name(device)
+        self.device_name = device_name
         self.library_key = str(library.build_info.get("path", ""))
         self._configs: dict[tuple[str, str], list[str]] = {}
 
