@@ -80,6 +80,8 @@ run() {
     --target /tmp/site "$GPU_DIR"/whl/*.whl
   export PYTHONPATH=$REPO:$REPO/plugins:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   export OPTCC_CACHE_DIR=/tmp/optcc-cache OPTCC_KERNELS_DIR=$REPO/kernels PYTHONUNBUFFERED=1
+  # the kernel tests must not skip for want of a library here: they build it if need be
+  export OPTCC_TEST_BUILD_KERNELS=1
   export OPTCC_KERNELS_LIBRARY=$GPU_DIR/liboptcc_kernels.so
   python3 -c "import torch, onnxruntime; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), 'onnxruntime', onnxruntime.__version__)" | tee -a "$OUT/env.txt"
   if ! timeout 60 python3 -c "from optcc.kernels import load; print(load().build_info['targets'])"; then
