@@ -56,15 +56,22 @@ def test_mlp_chains_bias_activation_and_residual() -> None:
     assert plan.summary().startswith("2 layer(s) on the sparse kernels (6 nodes fused)")
 
 
-def test_residual_after_activation_and_bfloat16() -> None:
+def _relu_layer_then_add(other: str, name: str, batch: int) -> Model:
+    """x -> MatMul(w, 2:4) -> Add(b) -> Relu -> Add(other) -> y, with other "r" (an input)
+    or a tensor of the chain."""
     nodes = [
         helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
         helper.make_node("Add", ["h", "b"], ["hb"], name="bias"),
         helper.make_node("Relu", ["hb"], ["a"], name="act"),
-        helper.make_node("Add", ["a", "r"], ["y"], name="res"),
+        helper.make_node("Add", ["a", other], ["y"], name=name),
     ]
     inits = [init("w", sparse_kn(64, 64)), init("b", np.zeros(64, np.float32))]
-    model = build(nodes, inits, [tensor("x", [4, 64]), tensor("r", [4, 64])], [tensor("y", [4, 64])])
+    inputs = [tensor("x", [batch, 64])] + ([tensor("r", [batch, 64])] if other == "r" else [])
+    return build(nodes, inits, inputs, [tensor("y", [batch, 64])])
+
+
+def test_residual_after_activation_and_bfloat16() -> None:
+    model = _relu_layer_then_add("r", "res", 4)
     layer = plan_model(model, precision="bfloat16").layers[0]
     assert layer.nodes == ["fc", "bias", "act", "res"]
     assert layer.residual == "r" and layer.residual_after_activation
@@ -90,14 +97,7 @@ def test_dense_and_misshapen_layers_stay_in_torch_with_reasons() -> None:
 
 
 def test_a_tensor_read_twice_ends_the_chain() -> None:
-    nodes = [
-        helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
-        helper.make_node("Add", ["h", "b"], ["hb"], name="bias"),
-        helper.make_node("Relu", ["hb"], ["a"], name="act"),
-        helper.make_node("Add", ["a", "hb"], ["y"], name="uses_hb_again"),
-    ]
-    inits = [init("w", sparse_kn(64, 64)), init("b", np.zeros(64, np.float32))]
-    model = build(nodes, inits, [tensor("x", [2, 64])], [tensor("y", [2, 64])])
+    model = _relu_layer_then_add("hb", "uses_hb_again", 2)
     layer = plan_model(model).layers[0]
     assert layer.nodes == ["fc", "bias"] and layer.output == "hb" and layer.activation == "none"
 
