@@ -57,11 +57,12 @@ def test_mlp_through_the_overrides_matches_onnxruntime(precision: str, fmt: str)
     assert_close(got, expected, 1e-2 if precision == "float16" else 4e-2)
 
 
-def test_int8_layer_quantizes_its_input_and_requantizes_its_output() -> None:
+@pytest.mark.parametrize("fmt", ["sm90", "sm80"])  # sm80: 4 rows padded to 16 for INT8
+def test_int8_layer_quantizes_its_input_and_requantizes_its_output(fmt: str) -> None:
     model = _qdq_model(TensorProto.INT8)
     x = np.random.default_rng(3).standard_normal((4, 128)).astype(np.float32)
     expected = OrtRunner(model).run({"x": x})[0]
-    (got,), runtime, plan = run_reference(model, {"x": x})
+    (got,), runtime, plan = run_reference(model, {"x": x}, fmt=fmt)
     assert plan.layers[0].precision == "int8" and runtime.calls == ["fc"]
     assert np.abs(got - expected).max() <= 0.05 + 1e-6  # one step of the output grid
 
