@@ -92,11 +92,11 @@ run() {
   python3 -c "from bench.gpu_models import unpack_minilm; print('minilm:', unpack_minilm(__import__('pathlib').Path('$GPU_DIR')))"
   echo "== gpu tests ($((SECONDS - started)) s)"
   set +e
-  timeout 270 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_cuda_e2e.py \
+  timeout 240 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_cuda_e2e.py \
     -p no:cacheprovider --junitxml="$OUT/tests.xml" -o addopts="-ra" 2>&1 | tee "$OUT/tests.log"
   local tests_rc=${PIPESTATUS[0]}
   echo "== benchmark ($((SECONDS - started)) s)"
-  timeout 200 python3 bench/kernels.py --out "$OUT" --models "$GPU_DIR" --budget-s 130
+  timeout 180 python3 bench/kernels.py --out "$OUT" --models "$GPU_DIR" --budget-s 120
   local bench_rc=$?
   set -e
   echo "== done in $((SECONDS - started)) s: tests exit $tests_rc, benchmark exit $bench_rc"

@@ -368,6 +368,8 @@ def markdown(result: dict[str, Any]) -> str:
               for name, entry in row["methods"].items() if "error" in entry]
     if errors:
         lines += ["", "Methods that did not run:", *errors]
+    if result.get("skipped"):
+        lines += ["", "Not measured (over the time budget): " + ", ".join(result["skipped"])]
     return "\n".join(lines) + "\n"
 
 
@@ -414,6 +416,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # noqa: BLE001
         pass
 
+    def save() -> str:
+        """Write what is measured so far: a run stopped by its time limit keeps its rows."""
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "kernels.json").write_text(json.dumps(result, indent=1) + "\n")
+        table = markdown(result)
+        (args.out / "kernels.md").write_text(table)
+        return table
+
     def over_budget(what: str) -> bool:
         if time.monotonic() - started > args.budget_s:
             result["skipped"].append(what)
@@ -427,16 +437,14 @@ def main(argv: list[str] | None = None) -> int:
             result["gemm"].append(bench_gemm(library, arch, label, m, k, n, dtype, seed, timing))
             print(f"[{time.monotonic() - started:6.1f}s] {label} {dtype}: "
                   f"{ {k2: _ms(v) for k2, v in result['gemm'][-1]['methods'].items()} }", flush=True)
+            save()
     for seed, (label, m, k, n) in enumerate(EPILOGUE_SHAPES):
         if not over_budget(f"epilogue {label}"):
             result["epilogue"].append(bench_epilogue(library, arch, label, m, k, n, seed, timing))
+            save()
     if not over_budget("end to end"):
         result["end_to_end"] = bench_end_to_end(args.models, {"warmup": 5, "runs": 20})
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(result, indent=1) + "\n")
-    table = markdown(result)
-    (args.out / "kernels.md").write_text(table)
-    print(table)
+    print(save())
     return 0
 
 
