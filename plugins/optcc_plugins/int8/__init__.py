@@ -47,6 +47,7 @@ from .qdq import (
     Layer,
     actual_precision,
     candidate_layers,
+    gemm_to_matmul,
     quantize_dynamic,
     quantize_onnxruntime,
     quantize_tensorrt,
@@ -134,6 +135,11 @@ class Int8Options(PassOptions):
         description="onnxruntime: time float and INT8 at batch 1 (served shape and "
         "latency_lengths) and keep float what INT8 makes slower.",
     )
+    min_speedup: float = Field(
+        1.0, gt=0.0,
+        description="speed_check: INT8 must be at least this many times faster than float at "
+        "a served shape to be kept (1.0: merely not slower).",
+    )
     latency_lengths: list[int] = Field(
         default_factory=lambda: [16, 32, 128],
         description="Sequence lengths at which the speed report times models that have a "
@@ -187,12 +193,14 @@ class Int8QuantizePass(Pass):
     activations stay in float. In order, on a private copy:
 
     1. constant subgraphs that compute a weight (``Transpose(W)`` in raw exports) are folded;
-    2. onnxruntime: attention blocks are fused (attention.py), verified against the input;
+    2. onnxruntime: attention blocks are fused (attention.py), verified against the input,
+       and embedding tables become INT8 per row (embedding.py);
     3. SmoothQuant migrates activation outliers into the weights (smoothquant.py);
-    4. static layers are calibrated (calibrate.py; ``auto`` picks the range per tensor by its
-       layer's output error) and Q/DQ is written in the target's format (qdq.py);
-    5. onnxruntime: embedding tables become INT8 per row (embedding.py);
-    6. onnxruntime: float and INT8 are timed, and INT8 that is not faster is not shipped.
+    4. each layer gets per-batch (dynamic) or calibrated (static) activation scales
+       (``mode``); static layers are calibrated (calibrate.py; ``auto`` picks the range per
+       tensor by its layer's output error, then checks the whole model against every single
+       method) and Q/DQ is written in the target's format (qdq.py);
+    5. onnxruntime: float and INT8 are timed, and INT8 that is not faster is not shipped.
 
     With ``max_accuracy_drop``, each layer's sensitivity is its output error when it alone is
     quantized (relative MSE on a calibration batch); the most sensitive layers go back to
@@ -231,15 +239,28 @@ class Int8QuantizePass(Pass):
         notes: list[str] = []
         work = model.copy()
 
-        folded = fold_weight_subgraphs(work, tuple(opts.op_types))
+        folded, unfolded = fold_weight_subgraphs(work, tuple(opts.op_types))
         if folded:
             stats["folded_weights"] = folded
         if fmt == "onnxruntime" and opts.fuse_attention:
             stats["attention"] = self._fuse(work, model, ctx, notes)
 
+        if opts.embeddings == "on" or (opts.embeddings == "auto" and fmt == "onnxruntime"):
+            # First: calibration and every later check then see the tables as shipped.
+            tables = quantize_embeddings(work, opts.embedding_min_bytes)
+            if tables:
+                stats["embeddings"] = [t.to_dict() for t in tables]
+
         min_channels = opts.min_channels or (16 if fmt == "tensorrt" else 1)
-        candidates = candidate_layers(work, opts.op_types, opts.exclude, min_channels)
+        candidates = candidate_layers(work, opts.op_types, opts.exclude, min_channels, unfolded)
         self._assign_modes(work, candidates, fmt, opts.mode)
+        gemms = {c.name for c in candidates if c.op == "Gemm"}
+        if gemms and any(c.mode == "dynamic" and c.skip_reason is None for c in candidates):
+            # ONNX Runtime's dynamic quantizer rewrites every Gemm as Transpose + MatMul,
+            # static ones included; rewriting them first keeps names and constant weights.
+            gemm_to_matmul(work, gemms)
+            candidates = candidate_layers(work, opts.op_types, opts.exclude, min_channels, unfolded)
+            self._assign_modes(work, candidates, fmt, opts.mode)
         layers = [c for c in candidates if c.skip_reason is None]
         if not layers:
             stats["layers"] = _rows(candidates, {}, {}, {})
@@ -249,7 +270,8 @@ class Int8QuantizePass(Pass):
             smoothing = self._smooth(work, layers, fmt, ctx, has_data, opts.smoothquant)
             if smoothing:
                 stats["smoothquant"] = smoothing
-                candidates = candidate_layers(work, opts.op_types, opts.exclude, min_channels)
+                candidates = candidate_layers(work, opts.op_types, opts.exclude, min_channels,
+                                              unfolded)
                 self._assign_modes(work, candidates, fmt, opts.mode)
                 layers = [c for c in candidates if c.skip_reason is None]
 
@@ -264,7 +286,8 @@ class Int8QuantizePass(Pass):
             if calib.chosen:
                 stats["methods_chosen"] = auto_summary(calib)
 
-        def quantize(selected: list[Layer], calibration: Calibration | None = calib) -> Model:
+        def quantize(selected: list[Layer], calibration: Calibration | None = None) -> Model:
+            calibration = calibration or calib  # the calibration in force when called
             chosen = {layer.name for layer in selected}
             stat = [layer for layer in static if layer.name in chosen]
             dyn = [layer for layer in selected if layer.mode == "dynamic"]
@@ -281,7 +304,7 @@ class Int8QuantizePass(Pass):
             return out if out is not work else work.copy()
 
         if calib is not None and opts.method == "auto":
-            calib = self._guard_auto(work, proto, static, calib, quantize, fmt, ctx, stats)
+            calib = self._guard_auto(work, static, calib, quantize, ctx, stats)
 
         sensitivity: dict[str, float] = {}
         if opts.sensitivity or opts.max_accuracy_drop is not None:
@@ -297,11 +320,6 @@ class Int8QuantizePass(Pass):
             stats.update(budget_stats)
         chosen = [layer for layer in layers if layer.name not in kept_float]
         reasons = {name: "kept in float to meet the accuracy budget" for name in kept_float}
-        if chosen and opts.embeddings != "off" and (opts.embeddings == "on" or fmt == "onnxruntime"):
-            tables = quantize_embeddings(best, opts.embedding_min_bytes)
-            if tables:
-                stats["embeddings"] = [t.to_dict() for t in tables]
-
         if chosen and fmt == "onnxruntime" and opts.speed_check:
             best, chosen, timing = self._check_speed(model, best, chosen, quantize, ctx,
                                                      reasons, notes)
@@ -410,31 +428,40 @@ class Int8QuantizePass(Pass):
         return calib
 
     def _guard_auto(
-        self, work: Model, proto: Any, static: list[Layer], calib: Calibration, quantize: Any,
-        fmt: str, ctx: PassContext, stats: dict[str, Any],
+        self, work: Model, static: list[Layer], calib: Calibration, quantize: Any,
+        ctx: PassContext, stats: dict[str, Any],
     ) -> Calibration:
-        """Per-tensor choices are local; check the whole model against each single method on
-        a calibration batch and keep whichever configuration is closest to float."""
+        """Per-tensor choices are local. Check the whole model against each single method and
+        keep the best configuration: by the recipe's metric when it has evaluation data
+        (ties go to the smaller output error), else by the output error on a calibration
+        batch (relative squared error against the float model)."""
         from .calibrate import METHODS
 
         feeds = _first_batch(ctx, work)
         reference = OrtRunner(work).run(feeds)
-        errors: dict[str, float] = {}
-        best_name, best_calib, best_error = "auto", calib, float("inf")
         options: list[tuple[str, Calibration]] = [("auto", calib)]
         for method in METHODS:
             alt = calib.with_method(method)
             if alt.thresholds != calib.thresholds:
                 options.append((method, alt))
+        scores: dict[str, dict[str, float]] = {}
+        best: tuple[tuple[float, float], str, Calibration] | None = None
         for name, candidate in options:
-            out = OrtRunner(quantize(static, candidate)).run(feeds)
-            errors[name] = _relative_error(out, reference)
-            if errors[name] < best_error:
-                best_name, best_calib, best_error = name, candidate, errors[name]
-        stats["method_check"] = {"output_error": errors, "chosen": best_name}
-        if best_name != "auto":
-            best_calib.method = best_name
-        return best_calib
+            model = quantize(static, candidate)
+            error = _relative_error(OrtRunner(model).run(feeds), reference)
+            scores[name] = {"output_error": error}
+            metric = 0.0
+            if ctx.evaluate is not None:
+                key, metric = _primary(ctx.evaluate(model, f"INT8 calibration check: {name}"))
+                scores[name][key] = metric
+            rank = (-metric, error)
+            if best is None or rank < best[0]:
+                best = (rank, name, candidate)
+        assert best is not None
+        stats["method_check"] = {"scores": scores, "chosen": best[1]}
+        if best[1] != "auto":
+            best[2].method = best[1]
+        return best[2]
 
     def _check_speed(
         self, reference: Model, best: Model, chosen: list[Layer], quantize: Any,
@@ -450,7 +477,10 @@ class Int8QuantizePass(Pass):
         timings = compare(reference, best, shapes)
         table: dict[str, Any] = {"threads": 1, "timings": [t.to_dict() for t in timings]}
         served = [t for t in timings if t.label in decisive]
-        slower = [t for t in served if t.speedup <= 1.0]
+        if not served:
+            notes.append("not timed: ONNX Runtime could not run the served shapes")
+            return best, chosen, table
+        slower = [t for t in served if t.speedup <= opts.min_speedup]
         if len(slower) < len(served):
             for t in slower:
                 note = (f"INT8 is slower than float at {t.label} ({t.int8_ms:.2f} ms vs "
@@ -459,7 +489,8 @@ class Int8QuantizePass(Pass):
                 ctx.progress.status(f"quantize-int8: {note}")
             return best, chosen, table
         main = served[0]
-        note = ("INT8 was not faster than float on ONNX Runtime ("
+        wanted = "faster" if opts.min_speedup == 1.0 else f"{opts.min_speedup:g}× faster"
+        note = (f"INT8 was not {wanted} than float on ONNX Runtime ("
                 + ", ".join(f"{t.int8_ms:.2f} vs {t.float_ms:.2f} ms at {t.label}" for t in served)
                 + ")")
         families = sorted({"Conv" if layer.op == "Conv" else "MatMul/Gemm" for layer in chosen})
@@ -470,7 +501,7 @@ class Int8QuantizePass(Pass):
                 trial = quantize(subset)
                 timing = compare(reference, trial, {main.label: shapes[main.label]})[0]
                 table.setdefault("fallbacks", {})[family] = timing.to_dict()
-                if timing.speedup > 1.0:
+                if timing.speedup > opts.min_speedup:
                     for layer in chosen:
                         if layer not in subset:
                             reasons[layer.name] = f"kept float: {note}; faster with only {family} INT8"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import onnx
@@ -13,6 +14,23 @@ from optcc import Model
 logger = logging.getLogger(__name__)
 
 CONTRIB_FLOAT_OUTPUTS = {"MultiHeadAttention": 1}  # op -> how many leading outputs are float
+
+
+def namer(graph: gs.Graph) -> Any:
+    """``fresh(base)``: a tensor name not yet used in ``graph`` (``base``, else ``base_2``...).
+    Exporters share one initializer among many nodes (a zero bias, a unit LayerNorm γ), so
+    a rewritten copy cannot simply be named after the original."""
+    used = set(graph.tensors())
+
+    def fresh(base: str) -> str:
+        name, i = base, 1
+        while name in used:
+            i += 1
+            name = f"{base}_{i}"
+        used.add(name)
+        return name
+
+    return fresh
 
 
 def typed_proto(model: Model) -> onnx.ModelProto:
@@ -88,15 +106,19 @@ def _attention_output_shape(
     return [query[0], query[1], value[2] if value is not None and len(value) == 3 else None]
 
 
-def fold_weight_subgraphs(model: Model, op_types: tuple[str, ...]) -> dict[str, str]:
+def fold_weight_subgraphs(
+    model: Model, op_types: tuple[str, ...]
+) -> tuple[dict[str, str], dict[str, str]]:
     """Evaluate constant-only subgraphs that compute a layer's weight (``Transpose(W)`` in
     raw exports, ``Cast``, ``Reshape``, a ``DequantizeLinear`` of a float8 table ...) and
     replace them with the constant, so the layer's weight is visible to quantization.
 
-    Returns ``{layer name: what was folded}``. Works in place; leaves the folded nodes for
-    cleanup when nothing else reads them.
+    Returns ``{layer name: what was folded}`` and ``{layer name: why it could not be}``.
+    Works in place; the folded nodes go when nothing else reads them.
     """
     folded: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    values: dict[str, gs.Constant] = {}  # one constant per folded tensor, however many readers
     for node in list(model.graph.nodes):
         if node.op not in op_types or len(node.inputs) < 2:
             continue
@@ -109,15 +131,17 @@ def fold_weight_subgraphs(model: Model, op_types: tuple[str, ...]) -> dict[str, 
         if isinstance(tensor, gs.Constant) or not _computed_constant(tensor):
             continue
         chain = _describe_chain(tensor)
-        value = _evaluate(model, tensor)
-        if value is None:
-            continue
-        constant = gs.Constant(f"{tensor.name}_folded", np.ascontiguousarray(value))
-        node.inputs[index] = constant
+        if tensor.name not in values:
+            value = _evaluate(model, tensor)
+            if value is None:
+                failed[node.name] = f"weight computed from constants ({chain}) that could not be folded"
+                continue
+            values[tensor.name] = gs.Constant(f"{tensor.name}_folded", np.ascontiguousarray(value))
+        node.inputs[index] = values[tensor.name]
         folded[node.name] = chain
     if folded:
         model.graph.cleanup(remove_unused_graph_inputs=False)
-    return folded
+    return folded, failed
 
 
 def _computed_constant(tensor: gs.Tensor, depth: int = 0) -> bool:
@@ -154,6 +178,8 @@ def _evaluate(model: Model, tensor: gs.Tensor) -> np.ndarray | None:
 
     graph = model.graph.copy()
     target = graph.tensors()[tensor.name]
+    if target.dtype is None:
+        target.dtype = _source_dtype(target)
     graph.inputs = []
     graph.outputs = [target]
     graph.cleanup(remove_unused_graph_inputs=True)
@@ -168,6 +194,24 @@ def _evaluate(model: Model, tensor: gs.Tensor) -> np.ndarray | None:
     except Exception as exc:  # an op ORT cannot run stays as it was
         logger.debug("cannot fold the weight subgraph of %s: %s", tensor.name, exc)
         return None
+
+
+def _source_dtype(tensor: gs.Tensor) -> Any:
+    """The dtype of the first constant ``tensor`` is computed from (a Transpose, Reshape or
+    Cast keeps it; a Cast's ``to`` wins)."""
+    t = tensor
+    for _ in range(16):
+        if isinstance(t, gs.Constant):
+            return t.dtype
+        node = t.inputs[0] if t.inputs else None
+        if node is None:
+            break
+        if node.op == "Cast":
+            return onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"]))
+        if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+            return node.attrs["value"].dtype
+        t = node.inputs[0]
+    return np.float32
 
 
 def drop_intermediate_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -50,12 +50,18 @@ class Layer:
 
 
 def candidate_layers(
-    model: Model, op_types: list[str], exclude: list[str], min_channels: int
+    model: Model, op_types: list[str], exclude: list[str], min_channels: int,
+    unfolded: dict[str, str] | None = None,
 ) -> list[Layer]:
-    """Every weighted layer of the chosen op types, with a reason when it is skipped."""
+    """Every weighted layer of the chosen op types, with a reason when it is skipped
+    (``unfolded``: layers whose constant weight subgraph could not be evaluated)."""
     layers = []
     for node in model.graph.nodes:
         if node.op not in op_types:
+            continue
+        if unfolded and node.name in unfolded:
+            layers.append(Layer(node.name, node.op, node.inputs[1].name, node.inputs[0].name, 0,
+                                unfolded[node.name]))
             continue
         weight = node.inputs[1] if len(node.inputs) > 1 else None
         if not isinstance(weight, gs.Constant):
@@ -313,7 +319,10 @@ def gemm_to_matmul(model: Model, names: set[str]) -> None:
     types it was asked for, so Gemm layers silently stayed float. Doing it first keeps the
     layer's name on the MatMul, so what was quantized can be read back from the model.
     """
+    from .graph import namer
+
     graph = model.graph
+    fresh = namer(graph)
     for node in list(graph.nodes):
         if node.op != "Gemm" or node.name not in names or int(node.attrs.get("transA", 0)):
             continue
@@ -322,8 +331,9 @@ def gemm_to_matmul(model: Model, names: set[str]) -> None:
             w = w.T
         w = w * float(node.attrs.get("alpha", 1.0))
         out = node.outputs[0]
-        weight = gs.Constant(f"{node.inputs[1].name}_matmul", np.ascontiguousarray(w))
-        product = gs.Variable(f"{node.name}_product", dtype=np.float32) if len(node.inputs) > 2 else out
+        weight = gs.Constant(fresh(f"{node.inputs[1].name}_matmul"), np.ascontiguousarray(w))
+        product = gs.Variable(fresh(f"{node.name}_product"), dtype=np.float32) \
+            if len(node.inputs) > 2 else out
         node.outputs = []
         graph.nodes.append(gs.Node("MatMul", node.name, inputs=[node.inputs[0], weight],
                                    outputs=[product]))
@@ -331,7 +341,7 @@ def gemm_to_matmul(model: Model, names: set[str]) -> None:
             bias = node.inputs[2]
             beta = float(node.attrs.get("beta", 1.0))
             if beta != 1.0 and isinstance(bias, gs.Constant):
-                bias = gs.Constant(f"{bias.name}_beta", np.asarray(bias.values) * beta)
+                bias = gs.Constant(fresh(f"{bias.name}_beta"), np.asarray(bias.values) * beta)
             graph.nodes.append(gs.Node("Add", f"{node.name}_bias", inputs=[product, bias],
                                        outputs=[out]))
         node.inputs = []
@@ -360,6 +370,7 @@ def quantize_dynamic(model: Model, layers: list[Layer]) -> Model:
     op_types = sorted({"Conv" if layer.op == "Conv" else "MatMul" for layer in layers})
     exclude = [n.name for n in proto.graph.node
                if n.op_type in ("Conv", "Gemm", "MatMul") and n.name not in selected]
+    exclude += [f"{n.name}_MatMul" for n in proto.graph.node if n.op_type == "Gemm"]  # its rename
     with tempfile.TemporaryDirectory(prefix="optcc-dynamic-") as tmp:
         out = Path(tmp) / "dynamic.onnx"
         ort_quantize_dynamic(

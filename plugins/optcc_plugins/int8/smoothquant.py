@@ -273,6 +273,9 @@ def choose(
 
 def apply(model: Model, target: SmoothTarget, s: np.ndarray) -> str:
     """Rescale the layers' weights by ``s`` and divide their input by ``s`` (see module doc)."""
+    from .graph import namer
+
+    fresh = namer(model.graph)
     nodes = {n.name: n for n in model.graph.nodes}
     inv = (1.0 / s).astype(np.float32)
     if target.fold_into is None and target.fold_value is None:
@@ -286,32 +289,35 @@ def apply(model: Model, target: SmoothTarget, s: np.ndarray) -> str:
             scaled = values * s[None, :]
         else:
             scaled = values * s[:, None]
-        node.inputs[1] = gs.Constant(f"{w.name}_smoothed", scaled.astype(values.dtype))
+        node.inputs[1] = gs.Constant(fresh(f"{w.name}_smoothed"), scaled.astype(values.dtype))
     if target.fold_into is not None:
         ln = nodes[target.fold_into]
         gamma = np.asarray(ln.inputs[1].values)
         beta = np.asarray(ln.inputs[2].values)
-        ln.inputs[1] = gs.Constant(f"{ln.inputs[1].name}_smoothed", (gamma * inv).astype(gamma.dtype))
-        ln.inputs[2] = gs.Constant(f"{ln.inputs[2].name}_smoothed", (beta * inv).astype(beta.dtype))
+        ln.inputs[1] = gs.Constant(fresh(f"{ln.inputs[1].name}_smoothed"),
+                                   (gamma * inv).astype(gamma.dtype))
+        ln.inputs[2] = gs.Constant(fresh(f"{ln.inputs[2].name}_smoothed"),
+                                   (beta * inv).astype(beta.dtype))
         return f"folded into LayerNormalization '{ln.name}'"
     if target.fold_value is not None:
         matmul, add, start = target.fold_value
         columns = slice(start, start + len(inv))
         w = np.array(nodes[matmul].inputs[1].values)
         w[:, columns] *= inv[None, :]
-        nodes[matmul].inputs[1] = gs.Constant(f"{nodes[matmul].inputs[1].name}_smoothed", w)
+        nodes[matmul].inputs[1] = gs.Constant(fresh(f"{nodes[matmul].inputs[1].name}_smoothed"), w)
         if add is not None:
             index = next(i for i, t in enumerate(nodes[add].inputs) if isinstance(t, gs.Constant))
             b = np.array(nodes[add].inputs[index].values)
             b[columns] *= inv
-            nodes[add].inputs[index] = gs.Constant(f"{nodes[add].inputs[index].name}_smoothed", b)
+            nodes[add].inputs[index] = gs.Constant(
+                fresh(f"{nodes[add].inputs[index].name}_smoothed"), b)
         return f"folded into the value projection '{matmul}'"
     tensor = model.tensor_map()[target.activation]
-    smoothed = gs.Variable(f"{target.activation}_smoothed", dtype=np.float32)
+    smoothed = gs.Variable(fresh(f"{target.activation}_smoothed"), dtype=np.float32)
     # The factors are stored as float16 (half the bytes) and cast back, a cast ONNX Runtime
     # folds when it loads the model; the weights use the exact inverse of the stored value.
-    inv16 = gs.Constant(f"{target.activation}_smooth_scale", inv.astype(np.float16))
-    inv32 = gs.Variable(f"{target.activation}_smooth_scale_f32", dtype=np.float32)
+    inv16 = gs.Constant(fresh(f"{target.activation}_smooth_scale"), inv.astype(np.float16))
+    inv32 = gs.Variable(fresh(f"{target.activation}_smooth_scale_f32"), dtype=np.float32)
     model.graph.nodes.append(gs.Node("Cast", f"{target.activation}_smooth_cast", attrs={"to": 1},
                                      inputs=[inv16], outputs=[inv32]))
     mul = gs.Node("Mul", f"{target.activation}_smooth", inputs=[tensor, inv32], outputs=[smoothed])
