@@ -31,6 +31,11 @@ _EXPORTS = {
     "verify_model": "optcc.ir",
     "constant_weight": "optcc.ir",
     "static_shapes": "optcc.ir",
+    # channel-dependency analysis (structured pruning, channel permutations, op rules)
+    "channels": "optcc.channels",
+    "ChannelRule": "optcc.channels",
+    "ChannelContext": "optcc.channels",
+    "ChannelAnalysis": "optcc.channels",
     # running models (ONNX Runtime, CPU) and the trainable torch view
     "OrtRunner": "optcc.runtime",
     "GraphModule": "optcc.torchview",
@@ -52,6 +57,9 @@ _EXPORTS = {
     "hookimpl": "optcc.hookspecs",
     "load_recipe": "optcc.recipe",
     "build": "optcc.build",
+    # deployment: load a build's output folder and predict
+    "load": "optcc.predict",
+    "Predictor": "optcc.predict",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -61,7 +69,8 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'optcc' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    imported = importlib.import_module(module)
+    value = imported if module == f"optcc.{name}" else getattr(imported, name)
     globals()[name] = value
     return value
 

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from optcc.backends import Backend
+    from optcc.backends.lowering import LoweringRewrite
+    from optcc.channels import ChannelRule
     from optcc.data import DataSource
     from optcc.ir import Model
     from optcc.passes import Pass, PassContext, PassResult
@@ -62,6 +64,21 @@ def optcc_backends() -> list[type[Backend]]:
 
 
 @hookspec
+def optcc_lowering_rewrites() -> list[type[LoweringRewrite]]:
+    """Return the lowering rewrite classes this plugin contributes.
+
+    Each item is a subclass of :class:`optcc.backends.lowering.LoweringRewrite` with a
+    unique kebab-case ``name`` and the set of backend names it applies to (``targets``).
+    A backend that supports rewrites (``tensorrt``) instantiates every registered rewrite
+    for its target, in registration order, when it lowers the final model, unless the
+    recipe's ``rewrites`` option names a subset. A rewrite gets a private copy of the model
+    and a ``LoweringContext``, and returns a ``LoweringResult``: the model, whether it
+    changed, and the plugin libraries its new nodes need (added to the engine build). This
+    is where TensorRT plugin nodes are inserted; the portable model is never changed.
+    """
+
+
+@hookspec
 def optcc_data_sources() -> list[type[DataSource]]:
     """Return the data source classes this plugin contributes.
 
@@ -77,6 +94,29 @@ def optcc_recipe_dirs() -> list[Path]:
 
     ``optcc build NAME`` and ``optcc validate NAME`` look a bare recipe name up in these
     folders (after the current directory), so a plugin package can ship ready recipes.
+    """
+
+
+@hookspec
+def optcc_channel_rules() -> list[ChannelRule]:
+    """Return op rules for the channel-dependency analysis (:mod:`optcc.channels`).
+
+    Called once, when the plugin manager starts. Structured pruning (and any pass that
+    edits channels, such as a permutation for 2:4 sparsity) asks, for every node, how
+    channel ids flow through it. Each item is an instance of :class:`optcc.ChannelRule`
+    (or a subclass taking no arguments) that names its op types in ``ops`` (and its
+    ``domain`` for custom ops) and implements ``propagate(node, ctx)``: read the inputs'
+    ids with ``ctx.ids``, then record the outputs' ids (``ctx.set_ids``), coupled ids
+    (``ctx.couple``), constants to slice (``ctx.slice``), attributes or shape values to
+    update (``ctx.fixup``) and channels that must stay (``ctx.block``). Without a rule, an
+    op blocks every channel that reaches it, so a rule is how a plugin makes its custom op
+    (or an op optcc handles too cautiously) prunable.
+
+    Precedence: for each node the rule with the highest ``priority`` whose
+    ``applies(node, ctx)`` is true wins; optcc's built-in rules have priority 0 and come
+    first, so a plugin rule of equal priority replaces a built-in one. Return ``[]`` when
+    the plugin has none. A rule that is not a ``ChannelRule`` or names no op type is
+    reported as this plugin's load error.
     """
 
 

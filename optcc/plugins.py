@@ -16,12 +16,15 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from optcc import hookspecs
 from optcc.errors import PluginError
+
+if TYPE_CHECKING:
+    from optcc.channels.rules import RuleRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,9 @@ class PluginInfo:
     passes: list[str] = field(default_factory=list)
     backends: list[str] = field(default_factory=list)
     data_sources: list[str] = field(default_factory=list)
+    lowering_rewrites: list[str] = field(default_factory=list)
     hooks: list[str] = field(default_factory=list)
+    channel_rules: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -65,8 +70,10 @@ class Registry:
     passes: dict[str, type] = field(default_factory=dict)
     backends: dict[str, type] = field(default_factory=dict)
     data_sources: dict[str, type] = field(default_factory=dict)
+    lowering_rewrites: dict[str, type] = field(default_factory=dict)
     owner: dict[tuple[str, str], str] = field(default_factory=dict)
     recipe_dirs: list[Path] = field(default_factory=list)
+    channel_rules: RuleRegistry = field(default_factory=lambda: _rule_registry())
 
     @property
     def hook(self) -> Any:
@@ -89,6 +96,7 @@ class Registry:
 def _validate_class(kind: str, cls: Any) -> str:
     """Check a registered class; return its name or raise ValueError with the reason."""
     from optcc.backends.base import Backend
+    from optcc.backends.lowering import LoweringRewrite
     from optcc.data.base import DataOptions, DataSource
     from optcc.passes.base import Pass, PassOptions
 
@@ -96,6 +104,7 @@ def _validate_class(kind: str, cls: Any) -> str:
         "pass": (Pass, PassOptions),
         "backend": (Backend, None),
         "data source": (DataSource, DataOptions),
+        "lowering rewrite": (LoweringRewrite, None),
     }[kind]
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ValueError(f"returned {cls!r}, which is not a subclass of optcc.{base.__name__}")
@@ -208,6 +217,11 @@ def create_registry(
         registry, by_name, "optcc_data_sources", "data source", registry.data_sources,
         "data_sources",
     )
+    _collect(
+        registry, by_name, "optcc_lowering_rewrites", "lowering rewrite",
+        registry.lowering_rewrites, "lowering_rewrites",
+    )
+    _collect_channel_rules(registry, by_name)
     for impl in pm.hook.optcc_recipe_dirs.get_hookimpls():
         try:
             registry.recipe_dirs.extend(Path(p) for p in (impl.function() or []))
@@ -220,6 +234,15 @@ def _fail(by_name: dict[str, PluginInfo], plugin: str, message: str) -> None:
     info = by_name[plugin]
     info.error = message
     logger.warning("plugin '%s': %s", plugin, message)
+
+
+def _impls_in_order(registry: Registry, hook_name: str) -> list[Any]:
+    """A hook's implementations, built-in plugins first, then the others in load order."""
+    order = {info.name: (not info.builtin, i) for i, info in enumerate(registry.plugins)}
+    return sorted(
+        getattr(registry.hook, hook_name).get_hookimpls(),
+        key=lambda impl: order.get(impl.plugin_name, (True, len(order))),
+    )
 
 
 def _collect(
@@ -235,12 +258,7 @@ def _collect(
     On a name clash the first plugin keeps the name: built-in plugins first, then the
     others in load order (entry points sorted by name).
     """
-    order = {info.name: (not info.builtin, i) for i, info in enumerate(registry.plugins)}
-    impls = sorted(
-        getattr(registry.hook, hook_name).get_hookimpls(),
-        key=lambda impl: order.get(impl.plugin_name, (True, len(order))),
-    )
-    for impl in impls:
+    for impl in _impls_in_order(registry, hook_name):
         plugin = impl.plugin_name
         try:
             items = impl.function() or []
@@ -258,6 +276,27 @@ def _collect(
             target[name] = cls
             registry.owner[(kind, name)] = plugin
             getattr(by_name[plugin], info_attr).append(name)
+
+
+def _rule_registry() -> RuleRegistry:
+    from optcc.channels.rules import RuleRegistry
+
+    return RuleRegistry()
+
+
+def _collect_channel_rules(registry: Registry, by_name: dict[str, PluginInfo]) -> None:
+    """Gather op rules for the channel analysis, plugin by plugin (built-ins, then load
+    order), so a failing plugin is named and a later plugin's rule wins ties."""
+    from optcc.channels.rules import RuleRegistry
+
+    for impl in _impls_in_order(registry, "optcc_channel_rules"):
+        try:
+            # Validate the plugin's rules together first: a bad one registers none of them.
+            checked = RuleRegistry(impl.function() or [], owner=impl.plugin_name)
+            registry.channel_rules.extend(checked)
+            by_name[impl.plugin_name].channel_rules = checked.rule_names()
+        except Exception as exc:
+            _fail(by_name, impl.plugin_name, f"optcc_channel_rules() failed: {exc}")
 
 
 _REGISTRY: Registry | None = None

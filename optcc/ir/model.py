@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +243,38 @@ class Model:
             if n.name == name:
                 return n
         raise KeyError(name)
+
+    def replace_all_uses(
+        self,
+        old: gs.Tensor,
+        new: gs.Tensor,
+        *,
+        nodes: Iterable[gs.Node] | None = None,
+        graph_outputs: bool = False,
+    ) -> int:
+        """Make every node that reads ``old`` read ``new`` instead; return how many inputs
+        changed.
+
+        ``nodes`` limits the rewiring to those readers (give one reader its own copy of a
+        shared constant). Graph outputs keep ``old`` unless ``graph_outputs`` is True, so a
+        model's output names never change by accident. The producer of ``old`` is left as
+        it is: remove it, or let ``graph.cleanup()`` drop it once nothing reads it.
+        """
+        only = None if nodes is None else {id(n) for n in nodes}
+        changed = 0
+        for reader in list(old.outputs):
+            if only is not None and id(reader) not in only:
+                continue
+            for i, tensor in enumerate(reader.inputs):
+                if tensor is old:
+                    reader.inputs[i] = new
+                    changed += 1
+        if graph_outputs:
+            for i, tensor in enumerate(self.graph.outputs):
+                if tensor is old:
+                    self.graph.outputs[i] = new  # type: ignore[call-overload]
+                    changed += 1
+        return changed
 
     def toposorted_nodes(self) -> list[gs.Node]:
         self.graph.toposort()

@@ -112,10 +112,7 @@ class EliminateDeadNodesPass(Pass):
                 node.outputs.clear()
                 node.inputs.clear()
             else:
-                for consumer in list(dst.outputs):
-                    for i, tensor in enumerate(consumer.inputs):
-                        if tensor is dst:
-                            consumer.inputs[i] = src
+                model.replace_all_uses(dst, src)
                 node.outputs.clear()
                 node.inputs.clear()
             bypassed += 1

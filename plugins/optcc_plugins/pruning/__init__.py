@@ -1,5 +1,9 @@
 """Structured pruning: remove whole channels, attention heads and FFN neurons from the ONNX
-graph, so the file, the parameters and the latency really shrink (see groups.py, apply.py).
+graph, so the file, the parameters and the latency really shrink.
+
+The channel-dependency analysis and the slicing live in :mod:`optcc.channels` (public, and
+extensible by plugins through op rules); this plugin ranks the groups it finds
+(importance.py), chooses what to remove (selection.py) and reports it.
 """
 
 from __future__ import annotations
@@ -17,22 +21,19 @@ from optcc import (
     PassOptions,
     PassResult,
     Tolerance,
+    channels,
     hookimpl,
     model_stats,
-    static_shapes,
 )
 
-from .apply import (
+from .importance import (
     Group,
     activation_importance,
-    apply_removal,
     bn_scale_importance,
-    build_groups,
     magnitude_importance,
-    plan_removal,
-    zero_removed,
+    ranked_groups,
 )
-from .groups import Analysis, analyze, describe_blocked
+from .selection import plan_removal
 
 logger = logging.getLogger(__name__)
 
@@ -71,52 +72,6 @@ class PruneOptions(PassOptions):
     )
 
 
-def materialize_constant_aliases(model: Model) -> int:
-    """Turn constant aliases into real constants, so every weight and bias can be sliced.
-
-    The legacy exporter deduplicates identical initializers through Identity nodes (fresh
-    zero biases of different layers become ``Identity(first_bias)``), and graphs carry
-    ``Constant`` nodes. Each reader gets its own constant. Returns how many were replaced.
-    """
-    import numpy as np
-    import onnx_graphsurgeon as gs
-
-    outputs = {id(t) for t in model.graph.outputs}
-    replaced = 0
-    for node in list(model.graph.nodes):
-        if node.op == "Identity" and isinstance(node.inputs[0], gs.Constant):
-            values = np.asarray(node.inputs[0].values)
-        elif node.op == "Constant" and "value" in node.attrs:
-            values = np.asarray(node.attrs["value"].values)
-        else:
-            continue
-        out = node.outputs[0]
-        if id(out) in outputs:
-            continue
-        for reader in list(out.outputs):
-            for i, t in enumerate(reader.inputs):
-                if t is out:
-                    reader.inputs[i] = gs.Constant(f"{out.name}__{reader.name}", np.array(values))
-                    replaced += 1
-        node.outputs.clear()
-    if replaced:
-        model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    return replaced
-
-
-def _shapes(model: Model) -> dict[str, list[int]]:
-    """Concrete shapes for the analysis: batch 1, other dynamic dimensions 5 (a size unlikely
-    to collide with real ones, so axes stay distinguishable)."""
-    given = {}
-    for t in model.inputs:
-        dims = list(t.shape or [])
-        given[t.name] = [
-            (1 if i == 0 else 5) if not isinstance(d, int) or d < 0 else d for i, d in enumerate(dims)
-        ]
-    shapes, _ = static_shapes(model, given)
-    return shapes
-
-
 class StructuredPruningPass(Pass):
     """Remove the least important channels of every prunable group of coupled layers.
 
@@ -145,12 +100,15 @@ class StructuredPruningPass(Pass):
             return frozenset({Capability.CALIBRATION_DATA})
         return frozenset()
 
-    def plan(self, model: Model, ctx: PassContext) -> tuple[Analysis, list[Group], set[int], dict[str, str]]:
-        """Analyse, rank and choose what to remove (the model is not modified)."""
+    def plan(
+        self, model: Model, ctx: PassContext
+    ) -> tuple[channels.ChannelAnalysis, list[Group], set[int], dict[str, str]]:
+        """Analyse, rank and choose what to remove (the graph is only prepared: constant
+        aliases become real constants, which does not change what it computes)."""
         opts: Any = self.options
-        materialize_constant_aliases(model)
-        analysis = analyze(model, _shapes(model))
-        groups = build_groups(analysis)
+        channels.materialize_constant_aliases(model)
+        analysis = channels.analyze(model)
+        groups = ranked_groups(analysis)
         if opts.importance == "activation":
             activation_importance(analysis, groups, model, lambda: ctx.batches("calibration"), ctx.progress)
         elif opts.importance == "bn-scale":
@@ -180,7 +138,7 @@ class StructuredPruningPass(Pass):
             mid = (lo + hi) / 2
             removed, skipped = choose(mid)
             trial = model.copy()  # already materialized by plan()
-            apply_removal(trial, analyze(trial, _shapes(trial)), removed)
+            channels.slice_channels(trial, channels.analyze(trial), removed)
             value = getattr(model_stats(trial), target)
             if value is None or base in (None, 0):
                 break
@@ -193,7 +151,7 @@ class StructuredPruningPass(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         before = model_stats(model)
         analysis, groups, removed, skipped = self.plan(model, ctx)
-        blocked = describe_blocked(analysis)
+        blocked = analysis.describe_blocked()
         group_rows = [
             {
                 "group": g.name, "layers": list(g.sources), "unit_channels": g.unit,
@@ -207,7 +165,7 @@ class StructuredPruningPass(Pass):
         if not removed:
             return PassResult(model, False, stats, reason="nothing to prune: " + (
                 "; ".join(f"{k}: {v}" for k, v in list(blocked.items())[:3]) or "no prunable group"))
-        apply_removal(model, analysis, removed)
+        channels.slice_channels(model, analysis, removed)
         after = model_stats(model)
         after_layers = {layer.name: layer for layer in after.layers}
         rows = []
@@ -234,7 +192,7 @@ def zeroed_reference(model: Model, pass_: StructuredPruningPass, ctx: PassContex
     what the pruned model must equal (for tests and users checking a pruning)."""
     reference = model.copy()
     analysis, _, removed, _ = pass_.plan(reference, ctx or PassContext())
-    zero_removed(reference, analysis, removed)
+    channels.zero_channels(reference, analysis, removed)
     return reference
 
 
