@@ -243,7 +243,9 @@ class Int8QuantizePass(Pass):
         if folded:
             stats["folded_weights"] = folded
         if fmt == "onnxruntime" and opts.fuse_attention:
-            stats["attention"] = self._fuse(work, model, ctx, notes)
+            attention = self._fuse(work, model, ctx, notes)
+            if attention["fused"] or attention["skipped"]:
+                stats["attention"] = attention
 
         if opts.embeddings == "on" or (opts.embeddings == "auto" and fmt == "onnxruntime"):
             # First: calibration and every later check then see the tables as shipped.
@@ -660,7 +662,7 @@ def run_smoothquant(
             continue
         weights = [smoothquant._weight_rows(nodes[n]) for n in target.layers]
         alpha, scales, before, after = smoothquant.choose(target, weights, alphas, unsigned)
-        how = "left alone: smoothing did not reduce the layer error"
+        how = "left alone: smoothing did not pay for itself"
         if scales is not None:
             how = smoothquant.apply(work, target, scales)
             nodes = {n.name: n for n in work.graph.nodes}

@@ -19,6 +19,8 @@ the float model computes the same function, up to rounding.
 computed with ``x/s`` quantized per tensor (the format's activation scheme) and ``s·W``
 quantized per output channel, and the ``α`` with the smallest output error wins; "no
 smoothing" is always a candidate, so the choice never makes a layer worse on that data.
+A smoothing that needs an inserted ``Mul`` is kept only where it pays for the node (see
+``MUL_MIN_ERROR`` and ``MUL_MIN_GAIN``).
 
 Statistics are streamed: the per-channel ``max|x_j|`` over all calibration batches, and a
 bounded sample of rows per tensor for the ``α`` search (``max_rows``).
@@ -39,6 +41,12 @@ from optcc import Model
 logger = logging.getLogger(__name__)
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Smoothing that needs an inserted Mul costs a node at run time: it is done only where the
+# layer loses a noticeable share of its output to INT8 (relative error of at least
+# MUL_MIN_ERROR) and smoothing at least halves that loss (MUL_MIN_GAIN). Folds are free and
+# are done whenever they reduce the error.
+MUL_MIN_ERROR = 1e-4
+MUL_MIN_GAIN = 2.0
 
 
 @dataclass
@@ -268,6 +276,9 @@ def choose(
         err = layer_error(x, weights, s, unsigned, references)
         if err < best[2]:
             best = (alpha, s, err)
+    free = target.fold_into is not None or target.fold_value is not None
+    if not free and alphas is None and (before < MUL_MIN_ERROR or best[2] * MUL_MIN_GAIN > before):
+        return None, None, before, before  # not worth a node (a fixed alpha forces it)
     return best[0], best[1], before, best[2]
 
 
