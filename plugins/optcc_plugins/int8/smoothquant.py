@@ -284,13 +284,15 @@ def choose(
 
 def apply(model: Model, target: SmoothTarget, s: np.ndarray) -> str:
     """Rescale the layers' weights by ``s`` and divide their input by ``s`` (see module doc)."""
-    from .graph import namer
+    from .graph import compact_positive, decode_positive, namer, positive_constant
 
     fresh = namer(model.graph)
     nodes = {n.name: n for n in model.graph.nodes}
     inv = (1.0 / s).astype(np.float32)
+    codes, base = None, 0.0
     if target.fold_into is None and target.fold_value is None:
-        inv = inv.astype(np.float16).astype(np.float32)  # what the inserted Mul will use
+        codes, base = compact_positive(inv, round_up=False)
+        inv = decode_positive(codes, base)  # what the inserted Mul will use
         s = (1.0 / inv.astype(np.float64)).astype(np.float32)
     for name in target.layers:
         node = nodes[name]
@@ -325,13 +327,12 @@ def apply(model: Model, target: SmoothTarget, s: np.ndarray) -> str:
         return f"folded into the value projection '{matmul}'"
     tensor = model.tensor_map()[target.activation]
     smoothed = gs.Variable(fresh(f"{target.activation}_smoothed"), dtype=np.float32)
-    # The factors are stored as float16 (half the bytes) and cast back, a cast ONNX Runtime
-    # folds when it loads the model; the weights use the exact inverse of the stored value.
-    inv16 = gs.Constant(fresh(f"{target.activation}_smooth_scale"), inv.astype(np.float16))
-    inv32 = gs.Variable(fresh(f"{target.activation}_smooth_scale_f32"), dtype=np.float32)
-    model.graph.nodes.append(gs.Node("Cast", f"{target.activation}_smooth_cast", attrs={"to": 1},
-                                     inputs=[inv16], outputs=[inv32]))
-    mul = gs.Node("Mul", f"{target.activation}_smooth", inputs=[tensor, inv32], outputs=[smoothed])
+    # The factors are stored as one-byte codes that ONNX Runtime decodes once, when it loads
+    # the model (graph.py); the weights were scaled by the exact inverse of the decoded value.
+    assert codes is not None
+    factor = positive_constant(model.graph, fresh, f"{target.activation}_smooth_scale", codes, base)
+    mul = gs.Node("Mul", fresh(f"{target.activation}_smooth"), inputs=[tensor, factor],
+                  outputs=[smoothed])
     model.graph.nodes.append(mul)
     for name in target.layers:
         node = nodes[name]
