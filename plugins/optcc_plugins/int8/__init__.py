@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -30,7 +31,6 @@ from optcc import (
     hookimpl,
 )
 
-from . import smoothquant
 from .attention import fuse_attention
 from .calibrate import Calibration, auto_thresholds, collect
 from .embedding import quantize_embeddings
@@ -41,6 +41,7 @@ from .graph import (
     tensor_ranks,
     typed_proto,
 )
+from .passes import FuseAttentionPass, SmoothQuantPass, run_smoothquant
 from .probe import LayerProbe, auto_summary
 from .qdq import (
     ACTIVATION_OPS,
@@ -184,6 +185,46 @@ def _relative_error(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return num / den if den else num
 
 
+@dataclass
+class _State:
+    """The pass's working copy and what it decided so far."""
+
+    work: Model
+    stats: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    candidates: list[Layer] = field(default_factory=list)
+    layers: list[Layer] = field(default_factory=list)
+
+
+class _Quantizer:
+    """``quantize(layers)``: a new model with ``layers`` INT8 (static ones with ``calib`` or
+    the calibration given), every other layer float."""
+
+    def __init__(self, work: Model, proto: Any, fmt: str, activation_ops: list[str],
+                 quantized_outputs: list[str], static: list[Layer]) -> None:
+        self.work, self.proto, self.fmt = work, proto, fmt
+        self.activation_ops, self.quantized_outputs = activation_ops, quantized_outputs
+        self.static = static
+        self.calib: Calibration | None = None
+
+    def __call__(self, selected: list[Layer], calibration: Calibration | None = None) -> Model:
+        calibration = calibration or self.calib
+        chosen = {layer.name for layer in selected}
+        static = [layer for layer in self.static if layer.name in chosen]
+        dynamic = [layer for layer in selected if layer.mode == "dynamic"]
+        out = self.work
+        if static:
+            assert calibration is not None
+            if self.fmt == "tensorrt":
+                out = quantize_tensorrt(self.work.copy(), static, calibration)
+            else:
+                out = quantize_onnxruntime(self.work, self.proto, static, [], calibration,
+                                           self.activation_ops, self.quantized_outputs)
+        if dynamic:
+            out = quantize_dynamic(out, dynamic)
+        return out if out is not self.work else self.work.copy()
+
+
 class Int8QuantizePass(Pass):
     """Calibrate activation ranges and quantize the weighted layers to INT8.
 
@@ -234,121 +275,121 @@ class Int8QuantizePass(Pass):
                 "mode: dynamic is an ONNX Runtime feature; TensorRT needs static Q/DQ "
                 "(use mode: static, or format: onnxruntime)"
             )
-        has_data = "calibration" in ctx.data
-        stats: dict[str, Any] = {"format": fmt, "mode": opts.mode}
-        notes: list[str] = []
-        work = model.copy()
-
-        folded, unfolded = fold_weight_subgraphs(work, tuple(opts.op_types))
-        if folded:
-            stats["folded_weights"] = folded
-        if fmt == "onnxruntime" and opts.fuse_attention:
-            attention = self._fuse(work, model, ctx, notes)
-            if attention["fused"] or attention["skipped"]:
-                stats["attention"] = attention
-
-        if opts.embeddings == "on" or (opts.embeddings == "auto" and fmt == "onnxruntime"):
-            # First: calibration and every later check then see the tables as shipped.
-            tables = quantize_embeddings(work, opts.embedding_min_bytes)
-            if tables:
-                stats["embeddings"] = [t.to_dict() for t in tables]
-
-        min_channels = opts.min_channels or (16 if fmt == "tensorrt" else 1)
-        candidates = candidate_layers(work, opts.op_types, opts.exclude, min_channels, unfolded)
-        self._assign_modes(work, candidates, fmt, opts.mode)
-        gemms = {c.name for c in candidates if c.op == "Gemm"}
-        if gemms and any(c.mode == "dynamic" and c.skip_reason is None for c in candidates):
-            # ONNX Runtime's dynamic quantizer rewrites every Gemm as Transpose + MatMul,
-            # static ones included; rewriting them first keeps names and constant weights.
-            gemm_to_matmul(work, gemms)
-            candidates = candidate_layers(work, opts.op_types, opts.exclude, min_channels, unfolded)
-            self._assign_modes(work, candidates, fmt, opts.mode)
-        layers = [c for c in candidates if c.skip_reason is None]
-        if not layers:
-            stats["layers"] = _rows(candidates, {}, {}, {})
-            return PassResult(model, False, stats, reason=_nothing_qualifies(candidates))
-
-        if opts.smoothquant != "off":
-            smoothing = self._smooth(work, layers, fmt, ctx, has_data, opts.smoothquant)
-            if smoothing:
-                stats["smoothquant"] = smoothing
-                candidates = candidate_layers(work, opts.op_types, opts.exclude, min_channels,
-                                              unfolded)
-                self._assign_modes(work, candidates, fmt, opts.mode)
-                layers = [c for c in candidates if c.skip_reason is None]
-
-        static = [layer for layer in layers if layer.mode == "static"]
-        proto = typed_proto(work)
-        calib: Calibration | None = None
-        if static:
-            start = time.perf_counter()
-            calib = self._calibrate(work, proto, static, fmt, ctx)
-            stats.update(method=opts.method, calibration_seconds=round(time.perf_counter() - start, 3),
-                         calibration_batches=calib.batches)
-            if calib.chosen:
-                stats["methods_chosen"] = auto_summary(calib)
-
-        def quantize(selected: list[Layer], calibration: Calibration | None = None) -> Model:
-            calibration = calibration or calib  # the calibration in force when called
-            chosen = {layer.name for layer in selected}
-            stat = [layer for layer in static if layer.name in chosen]
-            dyn = [layer for layer in selected if layer.mode == "dynamic"]
-            out = work
-            if stat:
-                assert calibration is not None
-                if fmt == "tensorrt":
-                    out = quantize_tensorrt(work.copy(), stat, calibration)
-                else:
-                    out = quantize_onnxruntime(work, proto, stat, [], calibration,
-                                               opts.activation_ops, opts.quantized_outputs)
-            if dyn:
-                out = quantize_dynamic(out, dyn)
-            return out if out is not work else work.copy()
-
-        if calib is not None and opts.method == "auto":
-            calib = self._guard_auto(work, static, calib, quantize, ctx, stats)
-
+        state = self._prepare(model, ctx, fmt)
+        if not state.layers:
+            state.stats["layers"] = _rows(state.candidates, {}, {}, {})
+            return PassResult(model, False, state.stats,
+                              reason=_nothing_qualifies(state.candidates))
+        quantize = self._quantizer(state, fmt, ctx)
         sensitivity: dict[str, float] = {}
         if opts.sensitivity or opts.max_accuracy_drop is not None:
-            sensitivity = self._sensitivity(work, layers, quantize, ctx)
+            sensitivity = self._sensitivity(state.work, state.layers, quantize, ctx)
         kept_float: list[str] = []
-        best = quantize(layers)
+        best = quantize(state.layers)
         if opts.max_accuracy_drop is not None:
             if ctx.evaluate is None:
                 raise RuntimeError("max_accuracy_drop needs evaluation data")
             best, kept_float, budget_stats = self._meet_budget(
-                work, layers, sensitivity, quantize, best, ctx, opts.max_accuracy_drop
+                state.work, state.layers, sensitivity, quantize, best, ctx, opts.max_accuracy_drop
             )
-            stats.update(budget_stats)
-        chosen = [layer for layer in layers if layer.name not in kept_float]
+            state.stats.update(budget_stats)
+        chosen = [layer for layer in state.layers if layer.name not in kept_float]
         reasons = {name: "kept in float to meet the accuracy budget" for name in kept_float}
         if chosen and fmt == "onnxruntime" and opts.speed_check:
             best, chosen, timing = self._check_speed(model, best, chosen, quantize, ctx,
-                                                     reasons, notes)
-            stats["latency"] = timing
+                                                     reasons, state.notes)
+            state.stats["latency"] = timing
+        return self._finish(model, best, chosen, state, quantize.calib, reasons, sensitivity,
+                            ctx, fmt)
 
+    def _prepare(self, model: Model, ctx: PassContext, fmt: str) -> _State:
+        """Steps 1–3 on a copy: fold weight subgraphs, fuse attention, INT8 embeddings,
+        choose the layers and their scales, SmoothQuant."""
+        opts: Any = self.options
+        state = _State(work=model.copy(), stats={"format": fmt, "mode": opts.mode})
+        work = state.work
+        folded, unfolded = fold_weight_subgraphs(work, tuple(opts.op_types))
+        if folded:
+            state.stats["folded_weights"] = folded
+        if fmt == "onnxruntime" and opts.fuse_attention:
+            attention = self._fuse(work, model, ctx, state.notes)
+            if attention["fused"] or attention["skipped"]:
+                state.stats["attention"] = attention
+        if opts.embeddings == "on" or (opts.embeddings == "auto" and fmt == "onnxruntime"):
+            # First: calibration and every later check then see the tables as shipped.
+            tables = quantize_embeddings(work, opts.embedding_min_bytes)
+            if tables:
+                state.stats["embeddings"] = [t.to_dict() for t in tables]
+        min_channels = opts.min_channels or (16 if fmt == "tensorrt" else 1)
+
+        def choose_layers() -> None:
+            state.candidates = candidate_layers(work, opts.op_types, opts.exclude, min_channels,
+                                                unfolded)
+            self._assign_modes(work, state.candidates, fmt, opts.mode)
+            state.layers = [c for c in state.candidates if c.skip_reason is None]
+
+        choose_layers()
+        gemms = {c.name for c in state.candidates if c.op == "Gemm"}
+        if gemms and any(layer.mode == "dynamic" for layer in state.layers):
+            # ONNX Runtime's dynamic quantizer rewrites every Gemm as Transpose + MatMul,
+            # static ones included; rewriting them first keeps names and constant weights.
+            gemm_to_matmul(work, gemms)
+            choose_layers()
+        if state.layers and opts.smoothquant != "off":
+            smoothing = self._smooth(work, state.layers, fmt, ctx, "calibration" in ctx.data,
+                                     opts.smoothquant)
+            if smoothing:
+                state.stats["smoothquant"] = smoothing
+                choose_layers()
+        return state
+
+    def _quantizer(self, state: _State, fmt: str, ctx: PassContext) -> _Quantizer:
+        """Step 4: calibrate the static layers (auto: per tensor, then checked as a whole)."""
+        opts: Any = self.options
+        quantize = _Quantizer(state.work, typed_proto(state.work), fmt, opts.activation_ops,
+                              opts.quantized_outputs,
+                              [layer for layer in state.layers if layer.mode == "static"])
+        if quantize.static:
+            start = time.perf_counter()
+            quantize.calib = self._calibrate(state.work, quantize.proto, quantize.static, fmt, ctx)
+            state.stats.update(method=opts.method,
+                               calibration_seconds=round(time.perf_counter() - start, 3),
+                               calibration_batches=quantize.calib.batches)
+            if quantize.calib.chosen:
+                state.stats["methods_chosen"] = auto_summary(quantize.calib)
+            if opts.method == "auto":
+                quantize.calib = self._guard_auto(state.work, quantize.static, quantize.calib,
+                                                  quantize, ctx, state.stats)
+        return quantize
+
+    def _finish(
+        self, model: Model, best: Model, chosen: list[Layer], state: _State,
+        calib: Calibration | None, reasons: dict[str, str], sensitivity: dict[str, float],
+        ctx: PassContext, fmt: str,
+    ) -> PassResult:
+        """The written model, and a report read back from it."""
+        opts: Any = self.options
+        stats, notes = state.stats, state.notes
         if not chosen:
             stats["notes"] = notes
-            stats["layers"] = _rows(candidates, {}, reasons, sensitivity)
+            stats["layers"] = _rows(state.candidates, {}, reasons, sensitivity)
             return PassResult(model, False, stats, reason=stats.get("budget_message")
                               or "; ".join(notes) or "no layer stays INT8")
-
         final = Model.from_proto(drop_intermediate_shapes(best.to_proto()), source=model.source)
         final.meta = best.meta
-        actual = actual_precision(final, candidates)
-        self._annotate(final, candidates, actual, reasons, sensitivity, calib, fmt)
+        actual = actual_precision(final, state.candidates)
+        self._annotate(final, state.candidates, actual, reasons, sensitivity, calib, fmt)
         if calib is not None and opts.calibration_cache and ctx.output_dir is not None:
             cache = ctx.output_dir / "calibration.cache"
             used = sorted({layer.activation for layer in chosen if layer.mode == "static"})
             write_calibration_cache(cache, calib, [t for t in used if t in calib.thresholds])
         stats["quantized_layers"] = sum(p != "float32" for p in actual.values())
-        stats["layers"] = _rows(candidates, actual, reasons, sensitivity)
-        if notes:
-            stats["notes"] = notes
+        stats["layers"] = _rows(state.candidates, actual, reasons, sensitivity)
         missing = [layer.name for layer in chosen if actual.get(layer.name) == "float32"]
         if missing:
             notes.append(f"{len(missing)} layer(s) chosen for INT8 stayed float in the written "
                          f"model: {', '.join(missing[:5])}")
+        if notes:
             stats["notes"] = notes
         if stats["quantized_layers"] == 0:
             return PassResult(model, False, stats, reason="; ".join(notes) or "no layer became INT8")
@@ -644,117 +685,6 @@ def _nothing_qualifies(candidates: list[Layer]) -> str:
         counts[layer.skip_reason or "?"] = counts.get(layer.skip_reason or "?", 0) + 1
     why = "; ".join(f"{n} × {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     return f"no layer qualifies for INT8 ({why})"
-
-
-def run_smoothquant(
-    work: Model, names: set[str], ctx: PassContext, *, unsigned: bool,
-    alphas: tuple[float, ...] | None,
-) -> dict[str, Any]:
-    """Find, measure and apply SmoothQuant on the named layers of ``work`` (in place)."""
-    targets, skipped = smoothquant.find_targets(work, names)
-    proto = typed_proto(work)
-    smoothquant.collect_channel_stats(proto, lambda: ctx.batches("calibration"), targets,
-                                      progress=ctx.progress, seed=ctx.seed)
-    nodes = {n.name: n for n in work.graph.nodes}
-    decisions = []
-    for target in targets:
-        if target.amax is None:
-            continue
-        weights = [smoothquant._weight_rows(nodes[n]) for n in target.layers]
-        alpha, scales, before, after = smoothquant.choose(target, weights, alphas, unsigned)
-        how = "left alone: smoothing did not pay for itself"
-        if scales is not None:
-            how = smoothquant.apply(work, target, scales)
-            nodes = {n.name: n for n in work.graph.nodes}
-        decisions.append(smoothquant.SmoothDecision(
-            target.activation, target.layers, alpha, how, before, after,
-            smoothquant.outlier_ratio(target.amax),
-        ))
-    return {
-        "applied": sum(d.alpha is not None for d in decisions),
-        "tensors": [d.to_dict() for d in decisions],
-        "skipped": skipped,
-    }
-
-
-class SmoothQuantOptions(PassOptions):
-    alpha: Literal["auto"] | float = Field(
-        "auto", description="Migration strength: auto searches it per tensor; or a number in [0, 1]."
-    )
-    format: Literal["auto", "tensorrt", "onnxruntime"] = Field(
-        "auto", description="Activation format the search assumes (unsigned for onnxruntime)."
-    )
-    exclude: list[str] = Field(
-        default_factory=list, description="Node-name patterns (fnmatch) left alone."
-    )
-
-
-class SmoothQuantPass(Pass):
-    """SmoothQuant on its own: per-channel outlier migration from activations into weights.
-
-    ``s_j = max|x_j|^α / max|W_j|^(1−α)``; ``x/s`` folds into a LayerNormalization's γ, β
-    where nothing else reads it, else a ``Mul`` by ``1/s`` is inserted before the layers
-    (smoothquant.py). The float model's outputs change only by rounding, which the pass
-    manager checks. ``quantize-int8`` does the same by default; use this pass to inspect
-    or reuse the smoothed float model.
-    """
-
-    name = "smooth-quant"
-    summary = "SmoothQuant: move activation outliers into weights (float model unchanged)."
-    Options = SmoothQuantOptions
-    requires = frozenset({Capability.CALIBRATION_DATA})
-    tolerance = Tolerance.float_rounding(rtol=1e-3, atol=1e-4)
-
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        import fnmatch
-
-        opts: Any = self.options
-        fmt = opts.format if opts.format != "auto" else (
-            "tensorrt" if ctx.target == "tensorrt" else "onnxruntime")
-        fold_weight_subgraphs(model, ("Gemm", "MatMul"))
-        names = {
-            layer.name for layer in candidate_layers(model, ["Gemm", "MatMul"], [], 1)
-            if layer.skip_reason is None
-            and not any(fnmatch.fnmatchcase(layer.name, p) for p in opts.exclude)
-        }
-        if not names:
-            return PassResult(model, False, reason="no MatMul/Gemm layer with a constant weight")
-        alphas = None if opts.alpha == "auto" else (float(opts.alpha),)
-        stats = run_smoothquant(model, names, ctx, unsigned=fmt == "onnxruntime", alphas=alphas)
-        if not stats["applied"]:
-            return PassResult(model, False, stats, reason="smoothing reduced no layer's INT8 error")
-        return PassResult(model, True, stats)
-
-
-class FuseAttentionOptions(PassOptions):
-    pack_projections: bool = Field(
-        True, description="Pack the Q/K/V projections that read the same input into one MatMul."
-    )
-
-
-class FuseAttentionPass(Pass):
-    """Exported multi-head attention → ONNX Runtime's ``MultiHeadAttention`` (attention.py).
-
-    ONNX Runtime targets only: the fused node is an ONNX Runtime contrib op. Outputs change
-    only by rounding (checked by the pass manager). ``quantize-int8`` runs it by default on
-    the ONNX Runtime target; this pass is for float models, or to fuse earlier.
-    """
-
-    name = "fuse-attention"
-    summary = "Fuse multi-head attention into ONNX Runtime's MultiHeadAttention (CPU speed)."
-    Options = FuseAttentionOptions
-    tolerance = Tolerance.float_rounding(rtol=1e-4, atol=1e-4)
-
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        if ctx.target == "tensorrt":
-            return PassResult(model, False, reason="MultiHeadAttention is an ONNX Runtime op; the "
-                              "target is tensorrt")
-        report = fuse_attention(model, pack=self.options.pack_projections)  # type: ignore[attr-defined]
-        stats = report.to_dict()
-        if not report.fused:
-            why = "; ".join(sorted(set(report.skipped.values()))) or "no Softmax in the graph"
-            return PassResult(model, False, stats, reason=f"no attention block matched ({why})")
-        return PassResult(model, True, stats)
 
 
 @hookimpl

@@ -123,6 +123,15 @@ def _scale_step(node: gs.Node, data: gs.Tensor) -> float | None:
     return 1.0 / c if node.op == "Div" else c
 
 
+def _scaled(node: gs.Node) -> tuple[gs.Tensor, float]:
+    """``(data, factor)`` for a Mul/Div of a tensor by a scalar constant, else no match."""
+    data = next((i for i in node.inputs if _scalar(i) is None), None)
+    factor = _scale_step(node, data) if data is not None else None
+    if data is None or factor is None:
+        raise _NoMatch(f"{node.op} '{node.name}' is not a scale by a scalar constant")
+    return data, factor
+
+
 def _perm(node: gs.Node) -> list[int]:
     return [int(p) for p in node.attrs.get("perm", [])]
 
@@ -140,12 +149,8 @@ def _walk_head_split(
         if node is None:
             raise _NoMatch("no head-split Reshape before the attention MatMul")
         if node.op in SCALE_OPS:
-            data = next((i for i in node.inputs if _scalar(i) is None), None)
-            factor = _scale_step(node, data) if data is not None else None
-            if factor is None:
-                raise _NoMatch(f"{node.op} '{node.name}' is not a scalar scale")
+            t, factor = _scaled(node)
             scale *= factor
-            t = data
         elif node.op in PASS_THROUGH:
             t = node.inputs[0]
         elif node.op == "Transpose":
@@ -227,24 +232,16 @@ def _walk_head_merge(tensor: gs.Tensor, shapes: dict[str, list[int]]) -> gs.Tens
     raise _NoMatch("context path too long")
 
 
-def _match(softmax: gs.Node, shapes: dict[str, list[int]]) -> AttentionMatch:
-    axis = int(softmax.attrs.get("axis", -1))
-    scores = softmax.inputs[0]
-    rank = len(shapes.get(scores.name, [])) or 4
-    if axis not in (-1, rank - 1) or rank != 4:
-        raise _NoMatch("Softmax is not over the last axis of a 4-D score tensor")
-
-    # Forward: probabilities → (NaN guard, dropout) → context MatMul.
+def _context_matmul(softmax: gs.Node) -> gs.Node:
+    """Forward from the Softmax: probabilities → (NaN guard, dropout) → context MatMul."""
     probs = softmax.outputs[0]
-    context_mm: gs.Node | None = None
     for _ in range(4):
         readers = [n for n in probs.outputs if n.op not in ("IsNaN", "Shape")]
         if len(readers) != 1:
             raise _NoMatch("the attention probabilities have several readers")
         node = readers[0]
         if node.op == "MatMul" and node.inputs[0] is probs:
-            context_mm = node
-            break
+            return node
         if node.op == "Where" and node.inputs[2] is probs:
             cond = _producer(node.inputs[0])
             if cond is None or cond.op != "IsNaN" or cond.inputs[0] is not probs:
@@ -254,21 +251,24 @@ def _match(softmax: gs.Node, shapes: dict[str, list[int]]) -> AttentionMatch:
             probs = node.outputs[0]
         else:
             raise _NoMatch(f"unexpected {node.op} '{node.name}' after the Softmax")
-    if context_mm is None:
-        raise _NoMatch("no context MatMul after the Softmax")
+    raise _NoMatch("no context MatMul after the Softmax")
 
-    # Backward: scores ← mask ← scale ← MatMul(Q, Kᵀ).
-    bias = where = None
+
+def _score_matmul(
+    scores: gs.Tensor,
+) -> tuple[gs.Node, float, gs.Tensor | None, tuple[gs.Tensor, gs.Tensor] | None]:
+    """Backward from the Softmax input: scores ← mask ← scale ← MatMul(Q, Kᵀ). Returns the
+    MatMul, the product of scalar scales on the way, an additive mask or a Where mask."""
+    bias: gs.Tensor | None = None
+    where: tuple[gs.Tensor, gs.Tensor] | None = None
     scale = 1.0
     t = scores
-    score_mm: gs.Node | None = None
     for _ in range(6):
         node = _producer(t)
         if node is None:
-            raise _NoMatch("no score MatMul before the Softmax")
-        if node.op == "MatMul":
-            score_mm = node
             break
+        if node.op == "MatMul":
+            return node, scale, bias, where
         if node.op == "Add" and bias is None and where is None:
             paths = [i for i in node.inputs if _leads_to_matmul(i)]
             if len(paths) != 1:
@@ -283,19 +283,24 @@ def _match(softmax: gs.Node, shapes: dict[str, list[int]]) -> AttentionMatch:
         elif node.op in SCALE_OPS:
             if bias is not None or where is not None:
                 raise _NoMatch("the scores are scaled after the mask")
-            data = next((i for i in node.inputs if _scalar(i) is None), None)
-            factor = _scale_step(node, data) if data is not None else None
-            if factor is None:
-                raise _NoMatch(f"{node.op} '{node.name}' on the scores is not a scalar scale")
+            t, factor = _scaled(node)
             scale *= factor
-            t = data
         elif node.op in PASS_THROUGH:
             t = node.inputs[0]
         else:
             raise _NoMatch(f"unexpected {node.op} '{node.name}' before the Softmax")
-    if score_mm is None:
-        raise _NoMatch("no score MatMul before the Softmax")
+    raise _NoMatch("no score MatMul before the Softmax")
 
+
+def _match(softmax: gs.Node, shapes: dict[str, list[int]]) -> AttentionMatch:
+    axis = int(softmax.attrs.get("axis", -1))
+    scores = softmax.inputs[0]
+    rank = len(shapes.get(scores.name, [])) or 4
+    if axis not in (-1, rank - 1) or rank != 4:
+        raise _NoMatch("Softmax is not over the last axis of a 4-D score tensor")
+
+    context_mm = _context_matmul(softmax)
+    score_mm, scale, bias, where = _score_matmul(scores)
     query, q_reshape, q_scale = _walk_head_split(score_mm.inputs[0], False, shapes)
     key, _, k_scale = _walk_head_split(score_mm.inputs[1], True, shapes)
     value, _, v_scale = _walk_head_split(context_mm.inputs[1], False, shapes)

@@ -82,7 +82,7 @@ class SmoothDecision:
         }
 
 
-def _weight_rows(node: gs.Node) -> np.ndarray | None:
+def weight_rows(node: gs.Node) -> np.ndarray | None:
     """The weight as ``[K, N]`` (row j multiplies input channel j), or None."""
     if node.op == "MatMul" and isinstance(node.inputs[1], gs.Constant):
         w = np.asarray(node.inputs[1].values)
@@ -102,7 +102,7 @@ def find_targets(model: Model, layer_names: set[str]) -> tuple[list[SmoothTarget
     for node in model.graph.nodes:
         if node.name not in layer_names:
             continue
-        w = _weight_rows(node)
+        w = weight_rows(node)
         if w is None or w.dtype != np.float32:
             skipped[node.name] = "not a float MatMul/Gemm with a 2-D constant weight"
             continue
@@ -111,12 +111,12 @@ def find_targets(model: Model, layer_names: set[str]) -> tuple[list[SmoothTarget
     targets = []
     for name, nodes in by_input.items():
         tensor = tensors[name]
-        channels = {_weight_rows(n).shape[0] for n in nodes}  # type: ignore[union-attr]
+        channels = {weight_rows(n).shape[0] for n in nodes}  # type: ignore[union-attr]
         if len(channels) != 1:
             for n in nodes:
                 skipped[n.name] = "readers of the same input disagree on its width"
             continue
-        weighted_readers = [c for c in tensor.outputs if _weight_rows(c) is not None]
+        weighted_readers = [c for c in tensor.outputs if weight_rows(c) is not None]
         if len(weighted_readers) != len(nodes):
             for n in nodes:
                 skipped[n.name] = "another weighted reader of this input is not being quantized"
