@@ -409,7 +409,7 @@ def table(rows: list[dict]) -> str:
                      else [q["cosine"]] if encoder else [q["accuracy"]])
             fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
             cells = [r["tool"], fmt(r["seconds"], ".1f"), fmt(r["peak_rss_mb"], ".0f"),
-                     f"{r['megabytes']:.1f}", *[f"{v:.4f}" for v in qcols],
+                     f"{r['megabytes']:.3f}", *[f"{v:.4f}" for v in qcols],
                      *[f"{r['latency_ms'][s]:.2f}" for s in shapes],
                      f"{fp32['latency_ms'][main] / r['latency_ms'][main]:.2f}×",
                      f"{fp32['cpu_ms'][main] / r['cpu_ms'][main]:.2f}×"]
