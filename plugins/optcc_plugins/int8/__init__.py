@@ -262,6 +262,13 @@ class Int8QuantizePass(Pass):
             needs.add(Capability.EVALUATION_DATA)
         return frozenset(needs)
 
+    @classmethod
+    def couples_samples(cls, options: Any) -> bool:
+        # DynamicQuantizeLinear takes one scale over the whole batch; mode auto gives layers
+        # on sequences dynamic scales on ONNX Runtime (any format but an explicit tensorrt).
+        return bool(options.mode == "dynamic"
+                    or (options.mode == "auto" and options.format != "tensorrt"))
+
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         opts: Any = self.options
         fmt = opts.format
