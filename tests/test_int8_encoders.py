@@ -7,7 +7,6 @@ all-MiniLM-L6-v2 cut to two layers, exported by both torch exporters (tests/enco
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import encoders
 import numpy as np
@@ -43,28 +42,13 @@ def _ctx(name: str, **kwargs) -> PassContext:  # type: ignore[no-untyped-def]
                        capabilities=frozenset({Capability.CALIBRATION_DATA}), **kwargs)
 
 
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory) -> dict:  # type: ignore[no-untyped-def]
-    folder = tmp_path_factory.mktemp("encoders")
-    cache: dict[tuple[str, str], Path] = {}
-
-    def get(name: str, exporter: str) -> Path:
-        if (name, exporter) not in cache:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                cache[(name, exporter)] = encoders.export(name, exporter, folder)
-        return cache[(name, exporter)]
-
-    return get  # type: ignore[return-value]
-
-
 def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sum((a.astype(np.float64) - b) ** 2) / np.sum(b.astype(np.float64) ** 2))
 
 
 @pytest.mark.parametrize(("name", "exporter"), FAMILIES)
-def test_attention_fusion_matches_every_family(exports, name: str, exporter: str) -> None:
-    model = Model.load(exports(name, exporter))
+def test_attention_fusion_matches_every_family(encoder_exports, name: str, exporter: str) -> None:
+    model = Model.load(encoder_exports(name, exporter))
     fused = model.copy()
     report = fuse_attention(fused)
     assert len(report.fused) == 2 and not report.skipped, report.skipped
@@ -81,8 +65,8 @@ def test_attention_fusion_matches_every_family(exports, name: str, exporter: str
 
 @pytest.mark.parametrize(("name", "exporter"), [("bert", "dynamo"), ("vit", "dynamo"),
                                                 ("distilbert", "dynamo"), ("roberta", "legacy")])
-def test_default_int8_quantizes_every_projection(exports, name: str, exporter: str) -> None:
-    model = Model.load(exports(name, exporter))
+def test_default_int8_quantizes_every_projection(encoder_exports, name: str, exporter: str) -> None:
+    model = Model.load(encoder_exports(name, exporter))
     result = Int8QuantizePass(speed_check=False)(model.copy(), _ctx(name))
     assert result.modified, result.reason
     rows = result.stats["layers"]
@@ -100,10 +84,10 @@ def test_default_int8_quantizes_every_projection(exports, name: str, exporter: s
     assert _relative_error(OrtRunner(result.model).run(feeds)[0], ref) < 0.05  # random weights
 
 
-def test_static_mode_keeps_residual_readers_on_the_float_tensor(exports) -> None:
+def test_static_mode_keeps_residual_readers_on_the_float_tensor(encoder_exports) -> None:
     """ONNX Runtime's QDQ quantizer makes every reader of a quantized tensor read its INT8
     round trip; the residual Add (and LayerNorm) must keep reading the float tensor."""
-    model = Model.load(exports("bert", "legacy"))
+    model = Model.load(encoder_exports("bert", "legacy"))
     result = Int8QuantizePass(mode="static", speed_check=False, smoothquant="off",
                               method="max")(model.copy(), _ctx("bert"))
     for node in result.model.graph.nodes:
@@ -151,8 +135,8 @@ def test_nothing_to_quantize_says_why() -> None:
 
 
 @needs_minilm
-def test_smoothquant_moves_outliers_of_a_trained_encoder_without_changing_it(exports) -> None:
-    model = Model.load(exports("minilm", "legacy"))
+def test_smoothquant_moves_outliers_of_a_trained_encoder_without_changing_it(encoder_exports) -> None:
+    model = Model.load(encoder_exports("minilm", "legacy"))
     feeds = encoders.sentences_feeds(count=32)
     ctx = PassContext(data={"calibration": _Batches([feeds])},  # type: ignore[dict-item]
                       capabilities=frozenset({Capability.CALIBRATION_DATA}))
@@ -175,10 +159,10 @@ def test_smoothquant_moves_outliers_of_a_trained_encoder_without_changing_it(exp
     assert float(np.abs(out - ref).max()) <= 1e-3 * float(np.abs(ref).max())
 
 
-def test_smoothquant_folds_into_pre_norm_layernorms(exports) -> None:
+def test_smoothquant_folds_into_pre_norm_layernorms(encoder_exports) -> None:
     """ViT is pre-norm: the LayerNorm output feeds only the projections, so 1/s folds into
     its γ and β and no node is added."""
-    model = Model.load(exports("vit", "dynamo"))
+    model = Model.load(encoder_exports("vit", "dynamo"))
     fuse_attention(model)
     before = len(model.graph.nodes)
     result = SmoothQuantPass(alpha=0.5)(model.copy(), _ctx("vit"))
@@ -192,8 +176,8 @@ def test_smoothquant_folds_into_pre_norm_layernorms(exports) -> None:
                                rtol=1e-3, atol=1e-4)
 
 
-def test_embedding_tables_are_int8_per_row_and_zero_rows_stay_zero(exports) -> None:
-    model = Model.load(exports("bert", "legacy"))
+def test_embedding_tables_are_int8_per_row_and_zero_rows_stay_zero(encoder_exports) -> None:
+    model = Model.load(encoder_exports("bert", "legacy"))
     table = next(n.inputs[0] for n in model.graph.nodes
                  if n.op == "Gather" and isinstance(n.inputs[0], gs.Constant)
                  and np.asarray(n.inputs[0].values).shape[0] == encoders.VOCAB)
@@ -260,10 +244,10 @@ def test_subnormal_activations_calibrate(tmp_path) -> None:
         assert np.all(np.isfinite(out)) and np.abs(out).max() < 1e-30
 
 
-def test_speed_check_refuses_int8_that_is_not_fast_enough(exports) -> None:
+def test_speed_check_refuses_int8_that_is_not_fast_enough(encoder_exports) -> None:
     """The check's verdict is forced with min_speedup (no timing assertion): INT8 that does
     not reach it is not shipped, and the report says why."""
-    model = Model.load(exports("bert", "dynamo"))
+    model = Model.load(encoder_exports("bert", "dynamo"))
     result = Int8QuantizePass(min_speedup=1000.0, latency_lengths=[8, 32, 48, 128])(
         model.copy(), _ctx("bert"))
     assert not result.modified
@@ -277,14 +261,14 @@ def test_speed_check_refuses_int8_that_is_not_fast_enough(exports) -> None:
     assert all(t["float_ms"] > 0 and t["int8_ms"] > 0 for t in timings)
 
 
-def test_fuse_and_smooth_are_verified_by_the_pass_manager(exports, tmp_path) -> None:
+def test_fuse_and_smooth_are_verified_by_the_pass_manager(encoder_exports, tmp_path) -> None:
     """In a build, fuse-attention and smooth-quant are held to rounding tolerance by the
     pass manager, and quantize-int8 follows them."""
     from conftest import write_recipe
 
     from optcc.build import build
 
-    path = exports("bert", "dynamo")
+    path = encoder_exports("bert", "dynamo")
     np.savez(tmp_path / "calib.npz", **encoders.feeds("bert", batch=16, seed=1))
     recipe = write_recipe(tmp_path, f"""version: 1
 model: {path}
@@ -311,3 +295,41 @@ def test_fuse_attention_does_not_apply_to_tensorrt_or_plain_nets(folded_demo_pat
     assert not result.modified and "no attention block matched" in result.reason
     result = FuseAttentionPass()(Model.load(DEMO_MODEL), PassContext(target="tensorrt"))
     assert not result.modified and "tensorrt" in result.reason
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_int8_after_prune_and_distill_in_a_build(encoder_exports, tmp_path, exporter: str) -> None:
+    """prune-channels (heads and FFN) -> distill -> quantize-int8 with its defaults, in one
+    build with the pass manager's checks (batch 1 and an odd size): the pruned attention
+    is still fused, at half the heads, and every projection is INT8."""
+    from conftest import write_recipe
+
+    from optcc.build import build
+
+    path = encoder_exports("bert", exporter)
+    np.savez(tmp_path / "calib.npz", **encoders.feeds("bert", batch=16, seed=1))
+    np.savez(tmp_path / "train.npz", **encoders.feeds("bert", batch=32, seed=2))
+    recipe = write_recipe(tmp_path, f"""version: 1
+model: {path}
+data:
+  calibration: {{source: npz, path: {tmp_path / 'calib.npz'}, batch_size: 8}}
+  training: {{source: npz, path: {tmp_path / 'train.npz'}, batch_size: 8}}
+verification: {{batch_size: 3, source: calibration}}
+evaluate: none
+passes:
+  - prune-channels: {{ratio: 0.5}}
+  - distill: {{epochs: 1}}
+  - quantize-int8: {{speed_check: false}}
+""")
+    result = build(recipe, output=tmp_path / "out")
+    passes = {p["name"]: p for p in result.report["passes"]}
+    assert all(passes[n]["modified"] for n in ("prune-channels", "distill", "quantize-int8"))
+    original = Model.load(path)
+    final = Model.load(result.artifact)
+    assert model_stats(final).params < 0.8 * model_stats(original).params
+    attention = [n for n in final.graph.nodes if n.op == "MultiHeadAttention"]
+    assert len(attention) == 2 and {n.attrs["num_heads"] for n in attention} == {2}
+    assert result.report["final"]["int8_coverage"] > 0.95
+    feeds = encoders.feeds("bert", batch=3, seed=5)
+    out = OrtRunner(final).run(feeds)[0]
+    assert out.shape == OrtRunner(original).run(feeds)[0].shape and np.isfinite(out).all()
