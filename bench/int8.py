@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -147,7 +148,8 @@ def work_optcc_pipeline(case: str, out: Path, method: str) -> None:
 
     data = case_data(case)
     folder = out.with_suffix("")
-    folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)  # this script's own scratch folder
+    folder.mkdir(parents=True)
     np.savez(folder / "calib.npz", **data["calibration"])
     tokens = TRAIN_TOKENS if case in ENCODERS else None  # sentences average ~23 tokens
     np.savez(folder / "train.npz", **{k: v[:TRAIN_SENTENCES, :tokens] if tokens else v
