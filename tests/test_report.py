@@ -233,3 +233,16 @@ def test_report_html_renders_in_headless_chromium(built: tuple[Path, dict[str, A
     # The plots were drawn by the browser: their bar colours cover part of the page.
     assert share(plots.PRECISION_COLORS["int8"]) > 0.002
     assert share(plots.BEFORE) > 0.002
+
+
+def test_nested_stats_open_up_into_their_own_lines_and_tables() -> None:
+    from optcc.report.content import KeyValues, Table, stats_blocks
+
+    blocks = stats_blocks({"kept": 2, "latency": {"threads": 1, "timings": [
+        {"shape": "batch 1", "float_ms": 0.08, "int8_ms": 0.04},
+        {"shape": "batch 128", "float_ms": 8.1, "int8_ms": 3.2}]}})
+    assert isinstance(blocks[0], KeyValues) and blocks[0].items == [("kept", "2")]
+    assert isinstance(blocks[1], KeyValues) and blocks[1].items == [("latency threads", "1")]
+    table = blocks[2]
+    assert isinstance(table, Table) and table.title == "latency timings"
+    assert table.headers == ["shape", "float ms", "int8 ms"] and table.rows[1] == ["batch 128", "8.1", "3.2"]

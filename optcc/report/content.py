@@ -288,17 +288,22 @@ def layer_table(report: dict[str, Any]) -> Table | None:
 
 
 # --------------------------------------------------------------------------- pass details
-def stats_blocks(stats: dict[str, Any]) -> list[Any]:
+def stats_blocks(stats: dict[str, Any], prefix: str = "") -> list[Any]:
     """A pass's own statistics for people: scalars as a key/value list, lists of records
-    and mappings as tables (at most MAX_TABLE_ROWS rows; report.json has all)."""
+    and mappings as tables (at most MAX_TABLE_ROWS rows; report.json has all). A mapping
+    that holds records of its own is opened up the same way, its keys prefixed with its
+    name, instead of being run together on one line."""
     blocks: list[Any] = []
     scalars: list[tuple[str, str]] = []
     for key, value in stats.items():
-        table = _as_table(key, value)
+        name = f"{prefix}{key}"
+        table = _as_table(name, value)
         if table is not None:
             blocks.append(table)
+        elif isinstance(value, dict) and any(isinstance(v, dict | list) and v for v in value.values()):
+            blocks.extend(stats_blocks(value, prefix=f"{name} "))
         else:
-            scalars.append((humanize(key), fmt_value(key, value)))
+            scalars.append((humanize(name), fmt_value(key, value)))
     return ([KeyValues(scalars)] if scalars else []) + blocks
 
 
