@@ -104,11 +104,15 @@ def export_torch(
                         or None
                         for spec in inputs
                     )
-                    program = torch.onnx.export(
-                        module, tuple(examples), dynamo=True, opset_version=opset or 18,
-                        input_names=input_names, output_names=output_names,
-                        dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
+                    options = dict(
+                        dynamo=True, opset_version=opset or 18, input_names=input_names,
+                        output_names=output_names, dynamic_shapes=dynamic_shapes,
+                        external_data=False, verbose=False,
                     )
+                    try:
+                        program = torch.onnx.export(module, tuple(examples), **options)
+                    except Exception as first:
+                        program = _export_predecomposed(module, tuple(examples), options, first)
                     program.save(str(path))
                 else:
                     dynamic_axes = {
@@ -137,6 +141,26 @@ def export_torch(
     model.source = label
     _check_export(module, examples, model, label)
     return model
+
+
+def _export_predecomposed(module: Any, examples: tuple[Any, ...], options: dict[str, Any],
+                          first: Exception) -> Any:
+    """Retry a failed dynamo export from a program torch.export has already decomposed.
+
+    torch's ONNX decomposition can turn a reshape of a transposed tensor into an invalid
+    ``view`` ("Cannot view a tensor with shape ..."; T5 and Swin attention in recent
+    transformers); decomposing with torch.export's own table first avoids it. When the
+    retry fails too, the first error is the one reported.
+    """
+    import torch
+
+    try:
+        program = torch.export.export(
+            module, examples, dynamic_shapes=options["dynamic_shapes"], strict=False
+        ).run_decompositions()
+        return torch.onnx.export(program, examples, **options)
+    except Exception:
+        raise first from None
 
 
 def _dim_name(name: str) -> str:
