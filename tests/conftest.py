@@ -98,6 +98,20 @@ def demo_copy(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def zoo_export(tmp_path_factory: pytest.TempPathFactory):
+    """``zoo_export(name, exporter) -> Path``: a zoo model (tests/zoo.py) exported once per
+    test session (or kept across sessions in ``OPTCC_ZOO_CACHE``)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import os
+
+    import zoo
+
+    folder = Path(os.environ.get("OPTCC_ZOO_CACHE") or tmp_path_factory.mktemp("zoo"))
+    return lambda name, exporter: zoo.export(name, exporter, folder)
+
+
 def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = folder / name
     path.write_text(text)

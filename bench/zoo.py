@@ -1,0 +1,140 @@
+"""Structured pruning across the model zoo (tests/zoo.py): what each architecture loses,
+and what it gains on ONNX Runtime.
+
+For every zoo model (small random-init Hugging Face configs, both exporters) three prunings
+at ratio 0.5 (the pass's defaults otherwise: L2 importance, kept counts rounded to 8):
+
+- ``prune``: channels, attention heads and FFN neurons; the hidden size stays;
+- ``+hidden kept``: also the residual width (``hidden_size: true``), LayerNorm normalizing
+  over the kept channels (the fused op stays);
+- ``+hidden exact``: the same with ``norm_statistics: original`` (statistics over the
+  original width, as in the zeroed original).
+
+Reported per variant: what was pruned (units before -> after, summed per kind), parameters
+and FLOPs per sample against the original, ONNX Runtime latency against the original (1
+thread, round-robin, best of 3 rounds of 20-run medians), and the *deviation* from the
+original with the same channels zeroed: ``||pruned - zeroed|| / ||zeroed||`` over the
+outputs, and their centred cosine (0 and 1 mean exactly the zeroed original; the rest is
+what normalizing over the kept channels changes). Random weights: the deviation says how far
+the statistics move, not what accuracy a trained model keeps.
+
+    python bench/zoo.py [NAME ...]      # writes bench/results/zoo.json and prints the table
+
+Columns for INT8 (alone and after pruning) are left to the INT8 benchmark.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+import models  # noqa: E402
+import zoo  # noqa: E402
+
+OUT = models.CACHE / "zoo"
+BATCH = 16
+SIZES = {"sequence": 16}
+VARIANTS = {
+    "prune": {},
+    "+hidden kept": {"hidden_size": True, "norm_statistics": "kept"},
+    "+hidden exact": {"hidden_size": True, "norm_statistics": "original"},
+}
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm((a - b).astype(np.float64)) / (np.linalg.norm(b.astype(np.float64)) + 1e-30))
+
+
+def centred_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    a, b = a - a.mean(0), b - b.mean(0)
+    return float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def pruned_units(groups: list[dict]) -> str:
+    """'heads 8->4, neurons 256->128' (units summed per kind, only kinds that lost some)."""
+    total: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for g in groups:
+        if g["units_after"] < g["units_before"]:
+            total[g["kind"]][0] += g["units_before"]
+            total[g["kind"]][1] += g["units_after"]
+    return ", ".join(f"{k} {b}->{a}" for k, (b, a) in sorted(total.items())) or "nothing"
+
+
+def case(name: str, exporter: str) -> list[dict]:
+    from optcc_plugins.pruning import StructuredPruningPass, zeroed_reference
+
+    from optcc.ir import Model, model_stats
+    from optcc.runtime import OrtRunner
+
+    spec = zoo.spec(name)
+    original_path = zoo.export(name, exporter, OUT)
+    original = Model.load(original_path)
+    feeds = spec.feeds(batch=BATCH, **{k: v for k, v in SIZES.items() if k in spec.sizes})
+    base = model_stats(original)
+    paths = {"original": original_path}
+    rows = {"original": {"model": name, "exporter": exporter, "variant": "original",
+                         "pruned": "", "params": base.params, "flops": base.flops,
+                         "params_ratio": 1.0, "flops_ratio": 1.0, "deviation": 0.0, "cosine": 1.0}}
+    for variant, options in VARIANTS.items():
+        pass_ = StructuredPruningPass(ratio=0.5, **options)
+        result = pass_(original.copy())
+        reference = zeroed_reference(original, pass_)
+        after = model_stats(result.model)
+        path = result.model.save(OUT / f"{name}-{exporter}-{variant.replace(' ', '_')}.onnx")
+        paths[variant] = path
+        out, ref = OrtRunner(result.model).run(feeds)[0], OrtRunner(reference).run(feeds)[0]
+        rows[variant] = {
+            "model": name, "exporter": exporter, "variant": variant,
+            "pruned": pruned_units(result.stats.get("groups", [])) if result.modified else "nothing",
+            "params": after.params, "flops": after.flops,
+            "params_ratio": after.params / base.params,
+            "flops_ratio": after.flops / base.flops if after.flops and base.flops else None,
+            "deviation": relative_error(out, ref), "cosine": centred_cosine(out, ref),
+        }
+    best: dict[str, float] = {}
+    for _ in range(3):  # round-robin: every variant sees the same machine state
+        for variant, path in paths.items():
+            ms = models.median_latency(path, feeds, threads=1)
+            best[variant] = min(best.get(variant, ms), ms)
+    for variant, row in rows.items():
+        row["ms_1_thread"] = best[variant]
+        row["speedup"] = best["original"] / best[variant]
+    return list(rows.values())
+
+
+def table(rows: list[dict], exporter: str = "dynamo") -> str:
+    lines = ["| model | variant | pruned (units before -> after) | params | FLOPs | ms (1 thread) | speed-up "
+             "| deviation | cosine |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["exporter"] != exporter:
+            continue
+        flops = f"{r['flops_ratio']:.2f}×" if r["flops_ratio"] is not None else "–"
+        lines.append(f"| {r['model']} | {r['variant']} | {r['pruned'] or '–'} | {r['params_ratio']:.2f}× | "
+                     f"{flops} | {r['ms_1_thread']:.2f} | {r['speedup']:.2f}× | {r['deviation']:.1e} | "
+                     f"{r['cosine']:.4f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    names = sys.argv[1:] or list(zoo.NAMES)
+    rows = []
+    for name in names:
+        for exporter in zoo.EXPORTERS:
+            print(f"{name} ({exporter})", file=sys.stderr, flush=True)
+            rows += case(name, exporter)
+    models.save_results("zoo", rows)
+    for exporter in zoo.EXPORTERS:
+        print(f"\n{exporter} export\n")
+        print(table(rows, exporter))
+
+
+if __name__ == "__main__":
+    main()
