@@ -57,6 +57,9 @@ _EXPORTS = {
     "hookimpl": "optcc.hookspecs",
     "load_recipe": "optcc.recipe",
     "build": "optcc.build",
+    # deployment: load a build's output folder and predict
+    "load": "optcc.predict",
+    "Predictor": "optcc.predict",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -166,6 +166,7 @@ def build(
     for source in sources.values():
         source.first_batch()  # shape/dtype problems surface now, before any pass
     feeds, feeds_from = verification_feeds(plan, sources, specs)
+    backend.check_model(original, feeds)  # e.g. TensorRT profiles: fail before any pass
     input_shapes = {name: [1, *arr.shape[1:]] for name, arr in feeds.items()}  # per sample
 
     evaluator = None
@@ -247,30 +248,40 @@ def build(
 
         progress.status(f"compiling for {backend.name}")
         artifact = backend.compile(final, staging)
-        original_artifact = backend.compile(original, workdir / "original")
-        latency_feeds = _latency_feeds(backend, sources, feeds)
-        progress.status("measuring latency")
-        original_latency = backend.measure_latency(original_artifact, latency_feeds)
-        final_latency = backend.measure_latency(artifact, latency_feeds)
+        original_latency = final_latency = original_artifact = None
+        measurable, not_measured = backend.can_measure()
+        if measurable:
+            original_artifact = backend.compile(original, workdir / "original")
+            latency_feeds = _latency_feeds(backend, sources, feeds)
+            progress.status("measuring latency")
+            original_latency = backend.measure_latency(original_artifact, latency_feeds)
+            final_latency = backend.measure_latency(artifact, latency_feeds)
+        else:
+            progress.status(f"latency not measured: {not_measured}")
+        artifact_check = backend.check_artifact(artifact, final, feeds)
         final_stats = model_stats(final, input_shapes)
         final_metric = (
             records[-1]["metric"] if records and records[-1]["metric"] is not None
             else (evaluator(final, "evaluating final") if evaluator else None)
         )
-        report["original"]["latency"] = original_latency.to_dict()
+        report["original"]["latency"] = original_latency.to_dict() if original_latency else None
         report["final"] = {
             **final_stats.to_dict(layers=False),
             "metric": final_metric,
-            "latency": final_latency.to_dict(),
+            "latency": final_latency.to_dict() if final_latency else None,
             "file_bytes": artifact.path.stat().st_size,
             "artifact": {
                 "backend": artifact.backend,
                 "path": artifact.path.name,
                 "files": [f.relative_to(staging).as_posix() for f in artifact.files],
                 "info": artifact.info,
+                "check": artifact_check,
             },
         }
-        report["original"]["file_bytes"] = original_artifact.path.stat().st_size
+        if not measurable:
+            report["final"]["latency_not_measured"] = not_measured
+        if original_artifact is not None:
+            report["original"]["file_bytes"] = original_artifact.path.stat().st_size
         report["layers"] = {
             "original": [layer.to_dict() for layer in original_stats.layers],
             "final": [layer.to_dict() for layer in final_stats.layers],
@@ -281,6 +292,12 @@ def build(
         shutil.rmtree(workdir, ignore_errors=True)
         from optcc.report import write_reports
 
+        triton = plan.recipe.output.triton if plan.recipe.output else None
+        if triton:
+            from optcc.triton import export_triton
+
+            options = triton.model_dump() if not isinstance(triton, bool) else {}
+            report["triton"] = export_triton(staging, staging / "triton", report=report, **options)
         write_reports(report, staging)
         if int(os.environ.get("RANK", "0")) == 0:
             _publish(staging, out_dir)
@@ -328,7 +345,8 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
         "params_ratio": _ratio(final["params"], orig["params"]),
         "weight_bytes_ratio": _ratio(final["weight_bytes"], orig["weight_bytes"]),
         "flops_ratio": _ratio(final["flops"], orig["flops"]),
-        "speedup": _ratio(orig["latency"]["median_ms"], final["latency"]["median_ms"]),
+        "speedup": _ratio((orig.get("latency") or {}).get("median_ms"),
+                          (final.get("latency") or {}).get("median_ms")),
     }
     metric = report.get("metric")
     if metric and orig.get("metric") and final.get("metric"):

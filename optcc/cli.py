@@ -1,4 +1,5 @@
-"""The ``optcc`` command line: build | validate | passes | plugins | inspect | bench | schema.
+"""The ``optcc`` command line: build | validate | passes | plugins | inspect | bench | lint |
+predict | triton | schema.
 
 A user mistake (any :class:`optcc.OptccError`) prints one ``error:`` line, maybe a
 ``hint:`` line, and exits with status 2; an interrupted build exits 130; anything else is
@@ -123,7 +124,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 0
     console = _console()
     console.print(_table("passes", PASS_HEADERS, pass_rows(report)))
-    console.print(_table("latency", LATENCY_HEADERS, latency_rows(report)))
+    if latency_rows(report):
+        console.print(_table("latency", LATENCY_HEADERS, latency_rows(report)))
     summary = report["summary"]
     bits = []
     if summary.get("params_ratio") is not None:
@@ -135,6 +137,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     console.print(_esc(", ".join(bits)))
     console.print(_esc(f"wrote {result.output_dir} ({report['final']['artifact']['path']}, "
                        "report.json, report.md)"))
+    engine = (report["final"]["artifact"].get("info") or {}).get("engine")
+    if engine is not None and not engine.get("built"):
+        console.print(_esc(f"engine not built here ({engine['reason']}); to build it on a GPU "
+                           f"machine: bash {result.output_dir}/build_engine.sh, or python "
+                           f"{result.output_dir}/build_engine.py"))
     return 0
 
 
@@ -343,16 +350,100 @@ def cmd_lint(args: argparse.Namespace) -> int:
     from optcc.ir import Model
     from optcc.lint import lint_tensorrt
 
-    findings = lint_tensorrt(Model.load(args.model))
+    profiles = _lint_profiles(args)
+    findings = lint_tensorrt(Model.load(args.model), profiles=profiles)
     errors = sum(f.severity == "error" for f in findings)
+    warnings = sum(f.severity == "warning" for f in findings)
     if args.json:
         _print_json([f.to_dict() for f in findings])
     else:
         for finding in findings:
             print(finding)
-        print(f"{args.model}: {errors} error(s), {len(findings) - errors} warning(s) "
-              "against TensorRT's Q/DQ rules")
+        print(f"{args.model}: {errors} error(s), {warnings} warning(s), "
+              f"{len(findings) - errors - warnings} note(s) against TensorRT's ONNX parser "
+              "and Q/DQ rules")
     return 1 if errors else 0
+
+
+def _lint_profiles(args: argparse.Namespace) -> list[Any] | None:
+    """trtexec-style --min/--opt/--max-shapes (name:1x3x224x224,...) as profile entries."""
+    from optcc.backends.trt_build import ShapeProfile
+    from optcc.errors import OptccError
+
+    specs = {"min": args.min_shapes, "opt": args.opt_shapes, "max": args.max_shapes}
+    if not any(specs.values()):
+        return None
+    parsed: dict[str, dict[str, list[int]]] = {}
+    for which, text in specs.items():
+        for item in filter(None, (text or "").split(",")):
+            name, _, dims = item.rpartition(":")
+            try:
+                parsed.setdefault(name.strip("'"), {})[which] = [int(d) for d in dims.split("x")]
+            except ValueError as exc:
+                raise OptccError(f"--{which}-shapes '{item}': expected NAME:D1xD2x...") from exc
+    profiles = []
+    for name, shapes in parsed.items():
+        opt = shapes.get("opt") or shapes.get("max") or shapes.get("min")
+        profiles.append(ShapeProfile(name, shapes.get("min", opt), opt, shapes.get("max", opt)))
+    return profiles
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import os
+
+    import numpy as np
+
+    from optcc.errors import OptccError
+    from optcc.predict import load, load_npz
+
+    feeds = load_npz(args.input)
+    out = Path(args.output) if args.output else None
+    if out is not None:
+        if out.suffix != ".npz":
+            raise OptccError(f"-o {out}: the output file must end in .npz")
+        if out.exists() and not args.overwrite:
+            raise OptccError(f"{out} exists; it is left as it is", hint="pass --overwrite to replace it")
+        if not out.parent.is_dir():
+            raise OptccError(f"-o {out}: folder {out.parent} does not exist")
+    predictor = load(args.folder, backend=args.backend, batch_size=args.batch_size)
+    outputs = predictor.predict(feeds)
+    if out is not None:
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
+        try:
+            np.savez(tmp, **outputs)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    summary = {"backend": predictor.backend, "model": predictor.source,
+               "samples": int(next(iter(feeds.values())).shape[0]) if feeds else 0,
+               "outputs": {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in outputs.items()},
+               "written": str(out) if out else None}
+    if args.json:
+        _print_json(summary)
+    else:
+        shapes = ", ".join(f"{k}{v['shape']} {v['dtype']}" for k, v in summary["outputs"].items())
+        where = f"; wrote {out}" if out else ""
+        print(f"{summary['samples']} sample(s) on {predictor.backend}: {shapes}{where}")
+    return 0
+
+
+def cmd_triton(args: argparse.Namespace) -> int:
+    from optcc.triton import export_triton
+
+    result = export_triton(
+        args.folder, args.repository or Path(args.folder) / "triton", name=args.name,
+        backend=args.backend, max_batch_size=args.max_batch_size,
+        dynamic_batching=not args.no_dynamic_batching, instance_kind=args.kind,
+        instance_count=args.instances,
+    )
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"wrote {result['repository']}/{result['model']} ({result['platform']}, "
+              f"max_batch_size {result['max_batch_size']})")
+        for note in result["notes"]:
+            print(f"note: {note}")
+    return 0
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -432,10 +523,38 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("lint", help="check a Q/DQ model against TensorRT's quantization rules")
+    p = sub.add_parser("lint", help="check a model against TensorRT's ONNX parser and Q/DQ rules")
     p.add_argument("model")
+    for which in ("min", "opt", "max"):
+        p.add_argument(f"--{which}-shapes", metavar="NAME:D1xD2,...",
+                       help=f"optimization profile {which} shapes, as trtexec takes them")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_lint)
+
+    p = sub.add_parser("predict", help="run a build's artifact on inputs from an .npz file")
+    p.add_argument("folder", help="the output folder of 'optcc build'")
+    p.add_argument("-i", "--input", required=True, help=".npz with one array per model input")
+    p.add_argument("-o", "--output", help=".npz to write the outputs to")
+    p.add_argument("--backend", help="run with this backend instead of the one that built it "
+                   "(e.g. onnxruntime for a TensorRT output on a machine without a GPU)")
+    p.add_argument("--batch-size", type=int, help="samples per run (default: from the build)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("triton", help="export a build as a Triton Inference Server model")
+    p.add_argument("folder", help="the output folder of 'optcc build'")
+    p.add_argument("-r", "--repository", help="model repository folder (default: FOLDER/triton)")
+    p.add_argument("--name", help="model name (default: the recipe's name)")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"],
+                   help="artifact to serve (default: the engine if built, else the ONNX model)")
+    p.add_argument("--max-batch-size", type=int, help="Triton max_batch_size (0: no batching)")
+    p.add_argument("--no-dynamic-batching", action="store_true")
+    p.add_argument("--kind", choices=["gpu", "cpu"], help="instance kind (default: gpu, or cpu "
+                   "for an onnxruntime build)")
+    p.add_argument("--instances", type=int, default=1, help="instances per device")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_triton)
 
     p = sub.add_parser("schema", help="write the recipe JSON Schema (for editors)")
     p.add_argument("-o", "--output", help="file to write (default: stdout)")

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from optcc.backends import Backend
+    from optcc.backends.lowering import LoweringRewrite
     from optcc.channels import ChannelRule
     from optcc.data import DataSource
     from optcc.ir import Model
@@ -59,6 +60,21 @@ def optcc_backends() -> list[type[Backend]]:
     Each item is a subclass of :class:`optcc.Backend` with a unique ``name`` — the value of
     a recipe's ``target``. A backend whose libraries or hardware are missing must still be
     registrable: report that from ``is_available()``, importing heavy libraries lazily.
+    """
+
+
+@hookspec
+def optcc_lowering_rewrites() -> list[type[LoweringRewrite]]:
+    """Return the lowering rewrite classes this plugin contributes.
+
+    Each item is a subclass of :class:`optcc.backends.lowering.LoweringRewrite` with a
+    unique kebab-case ``name`` and the set of backend names it applies to (``targets``).
+    A backend that supports rewrites (``tensorrt``) instantiates every registered rewrite
+    for its target, in registration order, when it lowers the final model, unless the
+    recipe's ``rewrites`` option names a subset. A rewrite gets a private copy of the model
+    and a ``LoweringContext``, and returns a ``LoweringResult``: the model, whether it
+    changed, and the plugin libraries its new nodes need (added to the engine build). This
+    is where TensorRT plugin nodes are inserted; the portable model is never changed.
     """
 
 

@@ -53,6 +53,7 @@ class PluginInfo:
     passes: list[str] = field(default_factory=list)
     backends: list[str] = field(default_factory=list)
     data_sources: list[str] = field(default_factory=list)
+    lowering_rewrites: list[str] = field(default_factory=list)
     hooks: list[str] = field(default_factory=list)
     channel_rules: list[str] = field(default_factory=list)
 
@@ -69,6 +70,7 @@ class Registry:
     passes: dict[str, type] = field(default_factory=dict)
     backends: dict[str, type] = field(default_factory=dict)
     data_sources: dict[str, type] = field(default_factory=dict)
+    lowering_rewrites: dict[str, type] = field(default_factory=dict)
     owner: dict[tuple[str, str], str] = field(default_factory=dict)
     recipe_dirs: list[Path] = field(default_factory=list)
     channel_rules: RuleRegistry = field(default_factory=lambda: _rule_registry())
@@ -94,6 +96,7 @@ class Registry:
 def _validate_class(kind: str, cls: Any) -> str:
     """Check a registered class; return its name or raise ValueError with the reason."""
     from optcc.backends.base import Backend
+    from optcc.backends.lowering import LoweringRewrite
     from optcc.data.base import DataOptions, DataSource
     from optcc.passes.base import Pass, PassOptions
 
@@ -101,6 +104,7 @@ def _validate_class(kind: str, cls: Any) -> str:
         "pass": (Pass, PassOptions),
         "backend": (Backend, None),
         "data source": (DataSource, DataOptions),
+        "lowering rewrite": (LoweringRewrite, None),
     }[kind]
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ValueError(f"returned {cls!r}, which is not a subclass of optcc.{base.__name__}")
@@ -212,6 +216,10 @@ def create_registry(
     _collect(
         registry, by_name, "optcc_data_sources", "data source", registry.data_sources,
         "data_sources",
+    )
+    _collect(
+        registry, by_name, "optcc_lowering_rewrites", "lowering rewrite",
+        registry.lowering_rewrites, "lowering_rewrites",
     )
     _collect_channel_rules(registry, by_name)
     for impl in pm.hook.optcc_recipe_dirs.get_hookimpls():

@@ -112,6 +112,22 @@ def zoo_export(tmp_path_factory: pytest.TempPathFactory):
     return lambda name, exporter: zoo.export(name, exporter, folder)
 
 
+def int8_demo_recipe(target: str) -> str:
+    """The demo, BatchNorm folded and quantized to INT8 (quick max calibration), for
+    ``target`` (a YAML flow mapping such as ``{backend: tensorrt}``); no evaluation."""
+    return f"""version: 1
+model: {DEMO_MODEL}
+target: {target}
+data:
+  calibration: {{source: digits, split: train, batch_size: 64, limit: 128}}
+evaluate: none
+passes:
+  - fold-batchnorm
+  - quantize-int8: {{method: max}}
+output: out
+"""
+
+
 def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = folder / name
     path.write_text(text)

@@ -163,7 +163,9 @@ def test_build_with_unavailable_tensorrt_fails_before_work(tmp_path: Path, capsy
 
     if TensorRTBackend.is_available()[0]:
         pytest.skip("TensorRT is available here")
-    recipe = write_recipe(tmp_path, f"version: 1\nmodel: {DEMO_MODEL}\ntarget: tensorrt\n")
+    # engine: required asks for the engine itself; the default (auto) lowers only.
+    recipe = write_recipe(tmp_path, f"version: 1\nmodel: {DEMO_MODEL}\n"
+                          "target: {backend: tensorrt, engine: required}\n")
     code, _, err = run(capsys, "build", str(recipe))
     assert code == EXIT_USER_ERROR
     assert err.startswith("error: backend 'tensorrt' is not available: ")

@@ -16,7 +16,7 @@ def _hooks():
 def test_every_hook_has_a_real_docstring_and_is_in_the_readme() -> None:
     readme = (REPO / "README.md").read_text()
     hooks = _hooks()
-    assert len(hooks) == 9
+    assert len(hooks) == 10
     for name, fn in hooks:
         doc = inspect.getdoc(fn) or ""
         assert len(doc) > 150, f"{name} needs a docstring that states the contract"

@@ -122,7 +122,8 @@ def test_onnxruntime_format_keeps_accuracy_and_uses_unsigned_activations(folded_
 def test_tensorrt_format_follows_the_rules(folded_demo: Model) -> None:
     result = Int8QuantizePass(format="tensorrt")(folded_demo.copy(), _ctx())
     q = result.model
-    assert lint_tensorrt(q) == []
+    # No error or warning; only the note that the dynamic batch axis has no profile yet.
+    assert [f.severity for f in lint_tensorrt(q)] == ["info"]
     for node in q.graph.nodes:
         if node.op in ("QuantizeLinear", "DequantizeLinear"):
             zp = np.asarray(node.inputs[2].values)

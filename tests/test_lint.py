@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -75,13 +76,16 @@ def build(
     return Model.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
 
 
-def rules(model: Model) -> list[tuple[str, str]]:
-    return sorted({(f.rule, f.node) for f in lint_tensorrt(model)})
+def rules(model: Model, **kwargs) -> list[tuple[str, str]]:
+    """(rule, node) of every error and warning; notes (info) are left out."""
+    return sorted({(f.rule, f.node) for f in lint_tensorrt(model, **kwargs) if f.severity != "info"})
 
 
 def test_a_correct_model_has_no_findings() -> None:
-    assert lint_tensorrt(build()) == []
-    assert lint_tensorrt(build(residual=True)) == []
+    assert rules(build()) == []
+    assert rules(build(residual=True)) == []
+    # Only a note: the dynamic batch axis has no profile (optcc's builds fill one in).
+    assert [(f.rule, f.severity) for f in lint_tensorrt(build())] == [("dynamic-shape", "info")]
 
 
 @pytest.mark.parametrize(
@@ -97,7 +101,8 @@ def test_a_correct_model_has_no_findings() -> None:
         ({"quantize_weight": False}, [("mixed-precision-layer", "conv")]),
         ({"output_qdq": True}, [("output-qdq", "c_Q")]),
         ({"residual": True, "residual_quantized": False}, [("residual-add", "residual_add")]),
-        ({"q_feeds_relu": True}, [("unpaired-q", "x_Q")]),
+        # The stray Relu reads the int8 tensor itself, which TensorRT's parser also rejects.
+        ({"q_feeds_relu": True}, [("parser-dtype", "stray_relu"), ("unpaired-q", "x_Q")]),
     ],
     ids=["unsigned", "zero-point", "negative-act-scale", "negative-weight-scale", "weight-axis",
          "per-channel-activation", "float-activation", "float-weight", "output-qdq",
@@ -115,7 +120,7 @@ def test_unsupported_integer_ops() -> None:
 
 def test_opset_12_per_channel() -> None:
     # Opset 12 has no 'axis' on DequantizeLinear: a per-channel scale needs opset 13.
-    found = lint_tensorrt(build(opset=13))
+    found = rules(build(opset=13))
     assert found == []
     model = build(opset=13)
     model.graph.opset = 12
@@ -133,3 +138,183 @@ def test_cli_lint_exit_codes(tmp_path, capsys) -> None:
     assert main(["lint", str(bad)]) == 1
     out = capsys.readouterr().out
     assert "error: [zero-point] x_Q: zero point must be 0 (symmetric quantization)" in out
+
+
+# --------------------------------------------------------------------------- parser rules
+def graph_model(nodes, inputs, outputs, inits=(), opset=17, domains=()):
+    """A hand-made model: (name, type, shape) inputs and outputs, nodes, initializers."""
+    graph = helper.make_graph(
+        list(nodes), "parser",
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in outputs], list(inits))
+    opsets = [helper.make_opsetid("", opset), *(helper.make_opsetid(d, 1) for d in domains)]
+    # Imported without ONNX's checker: the lint reads files the checker would reject too.
+    return Model(gs.import_onnx(helper.make_model(graph, opset_imports=opsets)))
+
+
+FLOAT_X = [("x", TensorProto.FLOAT, [2, 4, 8, 8])]
+
+
+def unary(op, out_type=TensorProto.FLOAT, out_shape=None, *, extra_inputs=(), inits=(), **attrs):
+    node = helper.make_node(op, ["x", *extra_inputs], ["y"], name="n", **attrs)
+    return graph_model([node], FLOAT_X, [("y", out_type, out_shape)], inits)
+
+
+def test_parser_op_unsupported_unlisted_plugin_and_newer() -> None:
+    node = helper.make_node("Det", ["x"], ["y"], name="det")
+    assert rules(graph_model([node], [("x", TensorProto.FLOAT, [3, 3])], [("y", TensorProto.FLOAT, [])])) == [
+        ("parser-op", "det")]
+    found = lint_tensorrt(unary("Celu2"))  # not an ONNX op TensorRT lists
+    assert [(f.rule, f.severity) for f in found] == [("parser-op", "warning")]
+    plugin = helper.make_node("FastRelu", ["x"], ["y"], name="plugin", domain="trt.plugins",
+                              plugin_namespace="optcc", plugin_version="1")
+    found = lint_tensorrt(graph_model([plugin], FLOAT_X, [("y", TensorProto.FLOAT, None)],
+                                      domains=["trt.plugins"]))
+    assert [(f.rule, f.severity) for f in found] == [("parser-op", "info")]
+    assert "plugin named 'FastRelu' (namespace 'optcc')" in found[0].message
+    attention = helper.make_node("Attention", ["q", "k", "v"], ["y"], name="attn")
+    qkv = [(n, TensorProto.FLOAT, [1, 2, 4, 8]) for n in "qkv"]
+    found = lint_tensorrt(graph_model([attention], qkv, [("y", TensorProto.FLOAT, None)], opset=23))
+    assert ("parser-op", "info", "attn") in {(f.rule, f.severity, f.node) for f in found}
+    assert ("parser-opset", "warning", "(model)") in {(f.rule, f.severity, f.node) for f in found}
+
+
+def test_parser_opset_below_the_parser_range() -> None:
+    model = unary("Relu")
+    model.graph.opset = 8
+    assert ("parser-opset", "(model)") in rules(model)
+
+
+def test_parser_dtype_of_the_data_input() -> None:
+    ids = [("a", TensorProto.INT64, [2, 3]), ("b", TensorProto.INT64, [3, 2])]
+    matmul = helper.make_node("MatMul", ["a", "b"], ["c"], name="int_matmul")
+    assert rules(graph_model([matmul], ids, [("c", TensorProto.INT64, [2, 2])])) == [
+        ("parser-dtype", "int_matmul")]
+    relu = helper.make_node("Relu", ["m"], ["r"], name="bool_relu")
+    found = lint_tensorrt(graph_model([relu], [("m", TensorProto.BOOL, [4])], [("r", TensorProto.BOOL, [4])]))
+    assert ("parser-dtype", "bool_relu") in {(f.rule, f.node) for f in found}
+    assert "Relu on float32/float16/bfloat16, int32/int64 only" in found[0].message
+    # Where checks its value input, not the bool condition; int64 Add is fine.
+    where = helper.make_node("Where", ["m", "x", "x"], ["y"], name="where")
+    ok = graph_model([where], [("m", TensorProto.BOOL, [4]), ("x", TensorProto.FLOAT, [4])],
+                     [("y", TensorProto.FLOAT, [4])])
+    assert rules(ok) == []
+
+
+def test_double_tensors_are_cast_to_float() -> None:
+    cast = helper.make_node("Cast", ["x"], ["y"], name="to_double", to=TensorProto.DOUBLE)
+    found = rules(graph_model([cast], FLOAT_X, [("y", TensorProto.DOUBLE, None)]))
+    assert found == [("double", "y")]
+
+
+def test_uint8_only_at_the_network_boundary() -> None:
+    nodes = [helper.make_node("Cast", ["x"], ["u"], name="to_u8", to=TensorProto.UINT8),
+             helper.make_node("Cast", ["u"], ["y"], name="back", to=TensorProto.FLOAT)]
+    assert rules(graph_model(nodes, FLOAT_X, [("y", TensorProto.FLOAT, None)])) == [("uint8-tensor", "u")]
+    # A uint8 network output is allowed.
+    assert rules(graph_model(nodes[:1], FLOAT_X, [("u", TensorProto.UINT8, None)])) == []
+
+
+def test_int64_inputs_and_wide_constants_are_noted() -> None:
+    big = numpy_helper.from_array(np.array([2**40], np.int64), "big")
+    add = helper.make_node("Add", ["ids", "big"], ["out"], name="add")
+    found = lint_tensorrt(graph_model([add], [("ids", TensorProto.INT64, [1])],
+                                      [("out", TensorProto.INT64, [1])], [big]))
+    assert sorted((f.rule, f.severity, f.node) for f in found) == [
+        ("int64", "info", "big"), ("int64", "info", "ids"), ("int64", "info", "out")]
+
+
+def const(name, values, dtype=np.int64):
+    return numpy_helper.from_array(np.array(values, dtype), name)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (lambda: unary("Resize", extra_inputs=["", "scales"], inits=[const("scales", [1, 1, 2, 2], np.float32)],
+                       coordinate_transformation_mode="tf_crop_and_resize"),
+         "coordinate_transformation_mode 'tf_crop_and_resize' is not supported"),
+        (lambda: unary("Resize", extra_inputs=["", "scales"], inits=[const("scales", [1, 1, 2, 2], np.float32)],
+                       antialias=1), "antialias is not supported"),
+        (lambda: unary("MaxPool", kernel_shape=[2, 2], dilations=[2, 2]), "dilations [2, 2]"),
+        (lambda: graph_model([helper.make_node("MaxPool", ["x"], ["y", "idx"], name="n", kernel_shape=[2, 2])],
+                             FLOAT_X, [("y", TensorProto.FLOAT, None), ("idx", TensorProto.INT64, None)]),
+         "the Indices output is not supported"),
+        (lambda: unary("BatchNormalization", extra_inputs=["s", "b", "m", "v"], training_mode=1,
+                       inits=[const(n, [1.0] * 4, np.float32) for n in "sbmv"]),
+         "training_mode 1 is not supported"),
+        (lambda: unary("Dropout", extra_inputs=["r", "t"],
+                       inits=[const("r", 0.5, np.float32), const("t", True, np.bool_)]),
+         "training mode is not supported"),
+        (lambda: unary("LpNormalization", p=3), "only L1 and L2"),
+        (lambda: unary("TopK", TensorProto.FLOAT, extra_inputs=["k"], inits=[const("k", [4000])]),
+         "K=4000; TensorRT needs K below 3840"),
+        (lambda: unary("TopK", extra_inputs=["k"], inits=[const("k", [2])], sorted=0), "sorted must be 1"),
+        (lambda: graph_model([helper.make_node("ScatterND", ["x", "i", "u"], ["y"], name="n", reduction="none")],
+                             [("x", TensorProto.FLOAT, [4]), ("u", TensorProto.FLOAT, [1])],
+                             [("y", TensorProto.FLOAT, [4])], [const("i", [[1]])], opset=18),
+         "the reduction attribute is not supported"),
+        (lambda: graph_model([helper.make_node("ReduceMean", ["x", "axes"], ["y"], name="n")],
+                             [*FLOAT_X, ("axes", TensorProto.INT64, [1])], [("y", TensorProto.FLOAT, None)],
+                             opset=18), "'axes' (input 1) must be a constant"),
+        (lambda: graph_model([helper.make_node("LayerNormalization", ["x", "g"], ["y", "mean"], name="n")],
+                             FLOAT_X, [("y", TensorProto.FLOAT, None), ("mean", TensorProto.FLOAT, None)],
+                             [const("g", [1.0] * 8, np.float32)]),
+         "only the first output (Y) is supported"),
+    ],
+    ids=["resize-transform", "resize-antialias", "pool-dilations", "maxpool-indices",
+         "batchnorm-training", "dropout-training", "lpnorm-p", "topk-k", "topk-sorted",
+         "scatternd-reduction", "reduce-axes", "layernorm-outputs"],
+)
+def test_parser_attribute_restrictions(model, message) -> None:
+    found = [f for f in lint_tensorrt(model()) if f.rule == "parser-attribute"]
+    assert len(found) == 1 and found[0].node == "n" and message in found[0].message, found
+    assert found[0].severity == "error"
+
+
+def tokens_model():
+    relu = helper.make_node("Relu", ["x"], ["y"], name="r")
+    return graph_model([relu], [("x", TensorProto.FLOAT, ["batch", "sequence", 8])],
+                       [("y", TensorProto.FLOAT, ["batch", "sequence", 8])])
+
+
+def test_dynamic_shapes_need_profiles() -> None:
+    from optcc.backends.trt_build import ShapeProfile
+
+    found = [f for f in lint_tensorrt(tokens_model()) if f.rule == "dynamic-shape"]
+    assert [(f.severity, f.node) for f in found] == [("warning", "x")]  # beyond the batch axis
+    other = ShapeProfile("z", [1], [1], [1])
+    found = [f for f in lint_tensorrt(tokens_model(), profiles=[other]) if f.rule == "dynamic-shape"]
+    assert [(f.severity, f.node) for f in found] == [("error", "x")]
+    good = ShapeProfile("x", [1, 4, 8], [8, 16, 8], [32, 64, 8])
+    assert rules(tokens_model(), profiles=[good]) == []
+
+
+def test_profiles_must_fit_their_inputs() -> None:
+    from optcc.backends.trt_build import ShapeProfile
+
+    found = lint_tensorrt(tokens_model(), profiles=[
+        ShapeProfile("x", [1, 4, 8], [8, 16, 8], [32, 64, 9]),
+        ShapeProfile("z", [1], [2], [3]),
+    ])
+    messages = sorted((f.rule, f.node, f.message) for f in found if f.rule == "profile")
+    assert [m[:2] for m in messages] == [("profile", "x"), ("profile", "z")]
+    assert "max shape [32, 64, 9] does not fit" in messages[0][2]
+    assert "names 'z', which is not a model input" in messages[1][2]
+    bad_order = lint_tensorrt(tokens_model(), profiles=[ShapeProfile("x", [8, 16, 8], [1, 4, 8], [32, 64, 8])])
+    assert any("needs min <= opt <= max" in f.message for f in bad_order)
+
+
+def test_cli_lint_takes_trtexec_style_profiles(tmp_path, capsys) -> None:
+    from optcc.cli import main
+
+    path = tmp_path / "tokens.onnx"
+    tokens_model().save(path)
+    assert main(["lint", str(path), "--opt-shapes", "y:8x16x8"]) == 1  # a profile for no input
+    assert "[dynamic-shape] x:" in capsys.readouterr().out
+    code = main(["lint", str(path), "--min-shapes", "x:1x4x8", "--opt-shapes", "x:8x16x8",
+                 "--max-shapes", "x:32x64x8"])
+    assert code == 0
+    assert "0 error(s), 0 warning(s)" in capsys.readouterr().out
+    assert main(["lint", str(path), "--opt-shapes", "x:8by16"]) == 2
+    assert "expected NAME:D1xD2x..." in capsys.readouterr().err

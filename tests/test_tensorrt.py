@@ -55,6 +55,18 @@ output: out
     result = build(recipe)
     report = result.report
     assert report["final"]["artifact"]["path"] == "model.plan"
+    engine = report["final"]["artifact"]["info"]["engine"]
+    assert engine["built"] and engine["layers"]["detailed"]
+    assert engine["layers"]["precision_counts"].get("int8", 0) > 0  # the Q/DQ layers run in INT8
+    check = report["final"]["artifact"]["check"]
+    assert check["outputs"][0]["name"] == "logits" and check["outputs"][0]["max_abs_error"] < 1.0
+    # The engine answers through the same predict API as ONNX Runtime, in batches.
+    import optcc
+
+    images = np.random.default_rng(1).random((700, 1, 8, 8), dtype=np.float32)
+    engine_out = optcc.load(result.output_dir).predict({"image": images})["logits"]
+    ort_out = optcc.load(result.output_dir, backend="onnxruntime").predict({"image": images})["logits"]
+    assert (engine_out.argmax(1) == ort_out.argmax(1)).mean() >= 0.95
     assert report["final"]["latency"]["device"]  # the GPU's name
     assert report["final"]["latency"]["median_ms"] < report["original"]["latency"]["median_ms"] * 2
     # The engine computes what ONNX Runtime computes on the same Q/DQ model.

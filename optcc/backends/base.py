@@ -5,6 +5,12 @@ A backend is a class with a unique ``name`` (a recipe's ``target``), an ``Option
 Artifact``, and ``measure_latency(artifact, feeds, ...)``. Heavy libraries are imported
 inside methods, never at module import: a backend whose libraries are missing is still
 listed, with its reason and an install hint.
+
+Optional parts, with defaults here: ``check_model`` (fail before any pass on a model the
+backend cannot lower), ``can_measure`` (a backend may lower on a machine that cannot run
+the result, as TensorRT does without a GPU: the build then skips latency),
+``check_artifact`` (compare the artifact's outputs with ONNX Runtime's) and
+``load_predictor`` (what ``optcc.load`` returns for a folder this backend built).
 """
 
 from __future__ import annotations
@@ -126,3 +132,29 @@ class Backend:
         self, artifact: Artifact, feeds: dict[str, np.ndarray]
     ) -> LatencyResult:
         raise NotImplementedError
+
+    def can_measure(self) -> tuple[bool, str]:
+        """Whether this machine can run, and so time, what :meth:`compile` produces."""
+        return self.is_available()
+
+    def check_model(self, model: Model, feeds: dict[str, np.ndarray]) -> None:
+        """Raise a :class:`BackendError` now, before any pass runs, when ``model`` (the
+        input model; ``feeds`` its verification batch) cannot be lowered as configured."""
+
+    def check_artifact(
+        self, artifact: Artifact, model: Model, feeds: dict[str, np.ndarray]
+    ) -> dict[str, Any] | None:
+        """Compare the artifact's outputs with ONNX Runtime's on ``feeds``; None when the
+        artifact is the ONNX model itself or cannot run here. Goes into report.json."""
+        return None
+
+    @classmethod
+    def load_predictor(
+        cls, output_dir: Path, report: dict[str, Any], *, batch_size: int | None = None,
+        **options: Any,
+    ) -> Any:
+        """A :class:`optcc.predict.Predictor` for the artifact in ``output_dir`` (built by
+        this backend, or by another one when the user asked for this backend)."""
+        from optcc.errors import BackendError
+
+        raise BackendError(f"backend '{cls.name}' cannot load artifacts for prediction")

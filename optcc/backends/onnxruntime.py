@@ -87,6 +87,25 @@ class OnnxRuntimeBackend(Backend):
         )
 
 
+    @classmethod
+    def load_predictor(
+        cls, output_dir: Path, report: dict[str, Any], *, batch_size: int | None = None,
+        threads: int | None = None, **options: Any,
+    ) -> Any:
+        """``model.onnx`` of any optcc output (the portable model, whatever the target)."""
+        from optcc.errors import OptccError
+        from optcc.predict import OrtPredictor
+
+        if options:
+            raise OptccError(f"onnxruntime predictor: unknown option(s) {sorted(options)}")
+        path = output_dir / "model.onnx"
+        if not path.is_file():
+            raise OptccError(f"{output_dir}: model.onnx is missing; the folder is incomplete")
+        target = report.get("target", {}).get("options", {})
+        return OrtPredictor(path, threads=threads or target.get("threads"),
+                            batch_size=batch_size or target.get("batch_size"))
+
+
 @hookimpl
 def optcc_backends() -> list[type[Backend]]:
     return [OnnxRuntimeBackend]

@@ -84,10 +84,29 @@ class TargetSpec(BaseModel):
     backend: str = Field("onnxruntime", description="Backend name (see 'optcc plugins').")
 
 
+class TritonSpec(_Strict):
+    """Triton Inference Server export options (``output: {triton: {...}}``)."""
+
+    name: str | None = Field(None, description="Model name in the repository (default: the recipe's name).")
+    max_batch_size: int | None = Field(
+        None, ge=0, description="Triton max_batch_size (default: the engine's largest profile "
+        "batch, or the target's batch_size, or 64; 0 turns batching off)."
+    )
+    dynamic_batching: bool = Field(True, description="Let Triton merge requests into batches.")
+    instance_kind: Literal["gpu", "cpu"] | None = Field(
+        None, description="Where instances run (default: gpu, or cpu for onnxruntime builds)."
+    )
+    instance_count: int = Field(1, ge=1, description="Model instances per device.")
+
+
 class OutputSpec(_Strict):
     path: str = Field(..., description="Output folder, relative to the recipe.")
     keep_stages: bool = Field(
         False, description="Also keep the model after every pass (stages/NN-name.onnx)."
+    )
+    triton: bool | TritonSpec = Field(
+        False, description="Also write a Triton Inference Server model repository into "
+        "OUTPUT/triton/ (the engine when it was built, else model.onnx)."
     )
 
 

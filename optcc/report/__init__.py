@@ -65,7 +65,7 @@ PASS_HEADERS = ["#", "pass", "time", "params", "weights", "FLOPs", "metric", "ma
 def latency_rows(report: dict[str, Any]) -> list[list[str]]:
     rows = []
     for label in ("original", "final"):
-        lat = report[label].get("latency")
+        lat = (report.get(label) or {}).get("latency")
         if lat:
             rows.append([
                 label, f"{lat['median_ms']:.3f}", f"{lat['p90_ms']:.3f}",
@@ -147,6 +147,9 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
     )
     out += ["", "## Passes", "", _md_table(PASS_HEADERS, pass_rows(report)), ""]
     out += ["## Latency", "", _md_table(LATENCY_HEADERS, latency_rows(report)), ""]
+    if report["final"].get("latency_not_measured"):
+        out += [f"Not measured: {report['final']['latency_not_measured']}.", ""]
+    out += engine_markdown(report)
     parts = []
     for key, label in (("params_ratio", "parameters"), ("weight_bytes_ratio", "weight bytes"),
                        ("flops_ratio", "FLOPs")):
@@ -190,6 +193,38 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
                 out += ["", _md_table(headers, [[_cell(row.get(h)) for h in headers] for row in rows])]
             out.append("")
     return "\n".join(out)
+
+
+def engine_markdown(report: dict[str, Any]) -> list[str]:
+    """The TensorRT engine section: built or not (and how to build it), layer precisions,
+    sparse tactics, the comparison with ONNX Runtime, the lint summary."""
+    info = report["final"]["artifact"].get("info") or {}
+    engine = info.get("engine")
+    if engine is None:
+        return []
+    out = ["## TensorRT engine", ""]
+    if not engine.get("built"):
+        out += [f"**Engine not built here**: {engine.get('reason')}. How to build it:", ""]
+        out += [f"{i}. {step}" for i, step in enumerate(engine.get("how_to_build", []), 1)]
+        out.append("")
+    else:
+        layers = engine.get("layers") or {}
+        out.append(f"- TensorRT {engine.get('tensorrt')}, {fmt_bytes(engine.get('engine_bytes'))}")
+        if layers:
+            counts = ", ".join(f"{k}: {v}" for k, v in layers.get("precision_counts", {}).items())
+            out.append(f"- layers by precision: {counts}")
+            out.append(f"- sparse tactics: {', '.join(layers.get('sparse_layers') or []) or 'none'}")
+        check = report["final"]["artifact"].get("check")
+        if check:
+            verdict = "match" if check["passed"] else "differ: " + ", ".join(check["failed"])
+            out.append(f"- outputs vs ONNX Runtime (atol {check['atol']}, rtol {check['rtol']}): "
+                       f"{verdict}")
+        out.append("")
+    lint = info.get("lint") or {}
+    if lint:
+        out += [f"- TensorRT lint: {lint.get('errors', 0)} error(s), {lint.get('warnings', 0)} "
+                "warning(s) (see report.json)", ""]
+    return out
 
 
 def _cell(value: Any) -> str:
