@@ -19,12 +19,14 @@ what normalizing over the kept channels changes). Random weights: the deviation 
 the statistics move, not what accuracy a trained model keeps.
 
     python bench/zoo.py [NAME ...]      # writes bench/results/zoo.json and prints the table
+    python bench/zoo.py --table         # the tables of the saved results
 
 Columns for INT8 (alone and after pruning) are left to the INT8 benchmark.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -51,11 +53,13 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm((a - b).astype(np.float64)) / (np.linalg.norm(b.astype(np.float64)) + 1e-30))
 
 
-def centred_cosine(a: np.ndarray, b: np.ndarray) -> float:
+def centred_cosine(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Cosine of the outputs centred over the batch; None when they do not vary."""
     a = a.reshape(len(a), -1).astype(np.float64)
     b = b.reshape(len(b), -1).astype(np.float64)
     a, b = a - a.mean(0), b - b.mean(0)
-    return float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+    norms = np.linalg.norm(a) * np.linalg.norm(b)
+    return float((a * b).sum() / norms) if norms > 1e-20 else None
 
 
 def pruned_units(groups: list[dict]) -> str:
@@ -119,17 +123,29 @@ def table(rows: list[dict], exporter: str = "dynamo") -> str:
         flops = f"{r['flops_ratio']:.2f}×" if r["flops_ratio"] is not None else "–"
         lines.append(f"| {r['model']} | {r['variant']} | {r['pruned'] or '–'} | {r['params_ratio']:.2f}× | "
                      f"{flops} | {r['ms_1_thread']:.2f} | {r['speedup']:.2f}× | {r['deviation']:.1e} | "
-                     f"{r['cosine']:.4f} |")
+                     f"{r['cosine']:.4f} |" if r["cosine"] is not None else "– |")
     return "\n".join(lines)
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--table"]:  # print the tables of the saved results
+        rows = json.loads((models.RESULTS / "zoo.json").read_text())
+        for exporter in zoo.EXPORTERS:
+            print(f"\n{exporter} export\n")
+            print(table(rows, exporter))
+        return
     names = sys.argv[1:] or list(zoo.NAMES)
+    previous = models.RESULTS / "zoo.json"
     rows = []
+    if sys.argv[1:] and previous.exists():  # a subset run replaces only its models' rows
+        rows = [r for r in json.loads(previous.read_text()) if r["model"] not in names]
     for name in names:
         for exporter in zoo.EXPORTERS:
             print(f"{name} ({exporter})", file=sys.stderr, flush=True)
             rows += case(name, exporter)
+    order = {n: i for i, n in enumerate(zoo.NAMES)}
+    rows.sort(key=lambda r: (order[r["model"]], r["exporter"], list(VARIANTS).index(r["variant"])
+                             if r["variant"] in VARIANTS else -1))
     models.save_results("zoo", rows)
     for exporter in zoo.EXPORTERS:
         print(f"\n{exporter} export\n")

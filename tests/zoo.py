@@ -132,14 +132,35 @@ TOKENS = (ZooInput("input_ids", ("batch", "sequence"), "ids", VOCAB),
           ZooInput("attention_mask", ("batch", "sequence"), "mask"))
 
 
-def _vision(cls_name: str, config_name: str, **config: Any) -> Callable[[], Any]:
+def _lively(model: Any) -> Any:
+    """Re-initialize convolutions, linear layers and BatchNorm so that activations keep
+    their scale through a deep random network (Hugging Face's small-std init lets deep
+    MobileNets output all zeros, which would make every output comparison vacuous)."""
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+                fan_in = module.weight[0].numel()
+                module.weight.normal_(0.0, (2.0 / fan_in) ** 0.5)
+                if module.bias is not None:
+                    module.bias.uniform_(-0.1, 0.1)
+            elif isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.1, 0.1)
+    return model
+
+
+def _vision(cls_name: str, config_name: str, lively: bool = False, **config: Any) -> Callable[[], Any]:
     def build() -> Any:
         import transformers
 
         _seeded()
         cfg = getattr(transformers, config_name)(num_labels=10, **config)
         model = getattr(transformers, cls_name)(cfg)
-        return _wrap(model, _logits, ("pixel_values",))
+        return _wrap(_lively(model) if lively else model, _logits, ("pixel_values",))
 
     return build
 
@@ -212,10 +233,10 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in [
         "SwinForImageClassification", "SwinConfig", image_size=IMAGE, patch_size=4,
         embed_dim=32, depths=[1, 1], num_heads=[2, 4], window_size=4)),
     ZooModel("mobilenet-v2", "vision", PIXELS, _vision(
-        "MobileNetV2ForImageClassification", "MobileNetV2Config", image_size=IMAGE,
+        "MobileNetV2ForImageClassification", "MobileNetV2Config", lively=True, image_size=IMAGE,
         depth_multiplier=0.35), note="TF-style padding: explicit Pad nodes"),
     ZooModel("mobilevit", "vision", PIXELS, _vision(
-        "MobileViTForImageClassification", "MobileViTConfig", image_size=IMAGE,
+        "MobileViTForImageClassification", "MobileViTConfig", lively=True, image_size=IMAGE,
         hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 16, 24, 24, 32, 40, 64],
         num_attention_heads=4)),
     ZooModel("gpt2", "text", TOKENS, _text(
