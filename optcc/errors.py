@@ -136,5 +136,28 @@ class BackendUnavailable(BackendError):
         self.reason = reason
 
 
+class RecipeErrors(RecipeError):
+    """Several recipe errors found in one go (``optcc validate`` reports them all, in file
+    order). It reads as the first error; ``errors`` holds every one."""
+
+    def __init__(self, errors: list[RecipeError]) -> None:
+        first = errors[0]
+        super().__init__(
+            first.bare_message, file=first.file, line=first.line, col=first.col, hint=first.hint
+        )
+        self.errors = list(errors)
+
+
+class OutputError(OptccError):
+    """An output folder optcc may not write or replace: it holds files optcc did not make,
+    is a file or a link, contains an input of the build, or another build is writing it."""
+
+
+class ResourceError(OptccError):
+    """The machine cannot do what was asked: a file system refused (permissions, read-only,
+    full, name too long) or an allocation would exceed the memory optcc allows itself."""
+
+
 class BuildInterrupted(OptccError):
-    """The user interrupted a build (Ctrl-C); the previous output was left untouched."""
+    """The user interrupted a build (Ctrl-C or SIGTERM); the message says what state the
+    output folder was left in."""

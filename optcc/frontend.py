@@ -14,6 +14,7 @@ never written.
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -71,7 +72,7 @@ def export_torch(
     try:
         module = make(**(kwargs or {}))
     except Exception as exc:
-        raise ModelError(f"the factory raised {type(exc).__name__}: {exc}", path=label) from exc
+        raise ModelError(f"the factory raised {type(exc).__name__}: {plain(str(exc))}", path=label) from exc
     if not isinstance(module, torch.nn.Module):
         raise ModelError(
             f"the factory returned {type(module).__name__}, expected a torch.nn.Module",
@@ -133,7 +134,7 @@ def export_torch(
                     )
         except Exception as exc:
             raise ModelError(
-                f"torch.onnx export ({exporter}) failed: {type(exc).__name__}: {first_line(exc)}",
+                f"torch.onnx export ({exporter}) failed: {export_failure(exc)}",
                 path=label,
                 hint="try 'exporter: legacy'" if exporter == "dynamo" else "try 'exporter: dynamo'",
             ) from exc
@@ -159,8 +160,40 @@ def _export_predecomposed(module: Any, examples: tuple[Any, ...], options: dict[
             module, examples, dynamic_shapes=options["dynamic_shapes"], strict=False
         ).run_decompositions()
         return torch.onnx.export(program, examples, **options)
-    except Exception:
-        raise first from None
+    except Exception:  # the first error is the one to report
+        pass
+    raise first
+
+
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+_CALL_SITE = re.compile(
+    r'The following call raised this error:\s*File "([^"]+)", line (\d+), in (\S+)\s*\n\s*(\S.*)'
+)
+_SUMMARY = re.compile(r"## Exception summary\s*<class '(?:[\w.]+\.)?(\w+)'>: ([^\n]*)")
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal colour codes (torch colours parts of its messages)."""
+    return _ANSI.sub("", text)
+
+
+def export_failure(exc: BaseException) -> str:
+    """One line saying why torch could not export. torch.onnx wraps torch.export's error in
+    a page of next steps; the line that matters is the innermost cause, plus the user's
+    source line that triggered it when torch names one. No terminal colour codes."""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = plain(str(exc))
+    summary = _SUMMARY.search(text)
+    if root is exc and summary:  # the cause was dropped on re-raise; torch's text names it
+        message = f"{summary[1]}: {summary[2].strip()}"
+    else:
+        message = f"{type(root).__name__}: {plain(first_line(root))}"
+    site = _CALL_SITE.search(text)
+    if site:
+        message += f" (at {Path(site[1]).name}:{site[2]} in {site[3]}: {site[4].strip()})"
+    return message
 
 
 def _dim_name(name: str) -> str:

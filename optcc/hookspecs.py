@@ -164,9 +164,12 @@ def optcc_pass_failed(
 
 @hookspec
 def optcc_build_finished(report: dict[str, Any], output_dir: Path) -> None:
-    """Called once a build has succeeded and its output folder is in place.
+    """Called once a build has succeeded and its output folder is in place: once per build,
+    in the process that published it (rank 0 under torchrun; the other ranks publish
+    nothing and do not call it).
 
     ``report`` is the content of ``report.json``; ``output_dir`` the published output
-    folder. Use it to upload artifacts, send notifications or write extra files. Return
-    value ignored.
+    folder. Use it to upload artifacts, send notifications or write extra files: files
+    written into ``output_dir`` here belong to the build, and the next build of that output
+    replaces them with the rest. Return value ignored.
     """

@@ -39,7 +39,11 @@ Q/DQ rules:
 - ``mixed-precision-layer``: a weighted layer with only one of weight / activation
   quantized runs in float;
 - ``residual-add``: an Add with one INT8 input (from a quantized layer) and one float input
-  cannot be fused into the INT8 layer.
+  cannot be fused into the INT8 layer;
+- ``sparse-nearly``: a layer whose weight *nearly* follows the 2:4 pattern (at least 90 % of
+  its groups of 4 along the input channels hold at most 2 non-zeros, but not all): TensorRT
+  only uses sparse tactics when every group complies, so the layer runs dense. The finding
+  names the first offending groups.
 """
 
 from __future__ import annotations
@@ -190,6 +194,25 @@ def lint_tensorrt(model: Model, *, profiles: Sequence[Any] | None = None) -> lis
                 add("residual-add", "warning", node,
                     f"residual input '{other[0].name}' is float: add Q/DQ on it so TensorRT can "
                     "fuse the add into the INT8 layer")
+    findings.extend(_sparsity_findings(model))
+    return findings
+
+
+def _sparsity_findings(model: Model) -> list[Finding]:
+    """``sparse-nearly``: layers a few groups short of the 2:4 pattern."""
+    from optcc.sparse import layer_compliance
+
+    findings = []
+    for row in layer_compliance(model, "2:4"):
+        if row["status"] != "nearly":
+            continue
+        where = ", ".join(str(v["index"]) for v in row["first_violations"])
+        findings.append(Finding(
+            "sparse-nearly", "warning", row["name"],
+            f"{row['violating']} of {row['groups']} groups of 4 input channels hold more than 2 "
+            f"non-zeros (first groups start at weight index {where}, running along axis "
+            f"{row['axis']}); TensorRT runs the layer dense unless every group complies: zero "
+            "those weights or re-run sparsify-2of4"))
     return findings
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from optcc.data.base import InputSpec
 from optcc.errors import ModelError, first_line
+from optcc.ir.indices import index_ranges
 from optcc.ir.model import Model
 
 logger = logging.getLogger(__name__)
@@ -90,16 +91,24 @@ class OrtRunner:
                 self.session = ort.InferenceSession(payload, options, providers=PROVIDERS)
         except Exception as exc:
             raise ModelError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc
+        ranges = {} if isinstance(model, str) else index_ranges(model)
         self.input_specs = [
-            InputSpec(i.name, tuple(i.shape), np.dtype(_ORT_TYPES.get(i.type, np.float32)))
+            InputSpec(i.name, tuple(i.shape), np.dtype(_ORT_TYPES.get(i.type, np.float32)),
+                      *((ranges[i.name].limit, ranges[i.name].table) if i.name in ranges else ()))
             for i in self.session.get_inputs()
         ]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # A failed run raises ModelError with ONNX Runtime's message; its own (coloured) log
+        # line of the same error on stderr would only repeat it.
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         names = {spec.name for spec in self.input_specs}
         try:
-            return self.session.run(None, {k: v for k, v in feeds.items() if k in names})
+            return self.session.run(
+                None, {k: v for k, v in feeds.items() if k in names}, self._run_options
+            )
         except Exception as exc:
             raise ModelError(f"ONNX Runtime failed to run the model: {first_line(exc)}") from exc
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -126,6 +127,37 @@ passes:
   - quantize-int8: {{method: max}}
 output: out
 """
+
+
+class StopAtEpoch:
+    """A progress reporter that presses Ctrl-C when distillation's epoch ``epoch`` starts
+    (so ``epoch - 1`` epochs finished and were checkpointed)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def track(self, iterable, *, description, total=None):
+        if description.startswith(f"distill: epoch {self.epoch}/"):
+            raise KeyboardInterrupt
+        yield from iterable
+
+    def status(self, message):
+        pass
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every path below ``root`` with a digest of its content (or its link target): compare
+    two snapshots to prove nothing was created, moved, changed or deleted."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            found[rel] = "-> " + os.readlink(path)
+        elif path.is_file():
+            found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            found[rel] = "/"
+    return found
 
 
 def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:

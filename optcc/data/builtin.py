@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -11,8 +12,9 @@ from pydantic import Field
 
 from optcc._objects import load_object
 from optcc.data.base import Batch, DataOptions, DataSource
-from optcc.errors import OptccError
+from optcc.errors import OptccError, first_line
 from optcc.hookspecs import hookimpl
+from optcc.resources import check_allocation
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 DIGITS_FILE = DEMO_DIR / "digits.npz"
@@ -24,6 +26,13 @@ def _single_input_or_named(
     source: DataSource, arrays: dict[str, np.ndarray], mapping: dict[str, str], labels_key: str
 ) -> dict[str, np.ndarray]:
     """Pick the arrays that feed the model's inputs: by mapping, by name, or the only one."""
+    names = [spec.name for spec in source.input_specs]
+    unknown = sorted(set(mapping) - set(names))
+    if unknown:
+        raise source.error(
+            f"'inputs' maps {', '.join(repr(u) for u in unknown)}, which the model does not "
+            f"have; its inputs are {', '.join(names)}"
+        )
     picked: dict[str, np.ndarray] = {}
     candidates = [k for k in arrays if k != labels_key]
     for spec in source.input_specs:
@@ -101,11 +110,14 @@ class NpzSource(DataSource):
         if not path.exists():
             raise self.error(f"file {path} not found")
         try:
-            data = np.load(path, allow_pickle=False)
-        except Exception as exc:
-            raise self.error(f"cannot read {path}: {exc}") from exc
-        with data:
-            arrays = {k: data[k] for k in data.files}
+            with np.load(path, allow_pickle=False) as data:
+                if not hasattr(data, "files"):
+                    raise ValueError("it holds a single array, not an .npz archive")
+                arrays = {k: data[k] for k in data.files}
+        except OSError:
+            raise
+        except Exception as exc:  # not a zip, a pickled object array, a truncated member
+            raise self.error(f"cannot read {path}: {first_line(exc)}") from exc
         labels = arrays.get(opts.labels) if opts.labels else None
         yield _single_input_or_named(self, arrays, opts.inputs, opts.labels or ""), labels
 
@@ -139,10 +151,12 @@ class NpyFolderSource(DataSource):
             if not file.exists():
                 present = ", ".join(sorted(p.name for p in folder.glob("*.npy"))) or "none"
                 raise self.error(f"missing {file.name} for input '{spec.name}' (found: {present})")
-            arrays[spec.name] = np.load(file, mmap_mode="r")
+            arrays[spec.name] = self._load(file)
         labels = None
         if opts.labels and (folder / f"{opts.labels}.npy").exists():
-            labels = np.load(folder / f"{opts.labels}.npy", mmap_mode="r")
+            labels = self._load(folder / f"{opts.labels}.npy")
+        if any(a.ndim == 0 for a in arrays.values()):
+            raise self.error("every .npy file needs a sample axis (it holds a single value)")
         n = min(a.shape[0] for a in arrays.values())
         step = max(opts.batch_size, 256)
         for start in range(0, n, step):
@@ -150,6 +164,15 @@ class NpyFolderSource(DataSource):
                 {k: np.asarray(v[start : start + step]) for k, v in arrays.items()},
                 None if labels is None else np.asarray(labels[start : start + step]),
             )
+
+
+    def _load(self, file: Path) -> np.ndarray:
+        try:
+            return np.load(file, mmap_mode="r", allow_pickle=False)
+        except OSError:
+            raise
+        except Exception as exc:  # not an .npy file, or a pickled object array
+            raise self.error(f"cannot read {file}: {first_line(exc)}") from exc
 
 
 class CallableOptions(DataOptions):
@@ -185,24 +208,27 @@ class CallableSource(DataSource):
         except Exception as exc:
             raise self.error(f"the function raised {type(exc).__name__}: {exc}") from exc
         if isinstance(produced, dict):
-            arrays = {k: np.asarray(v) for k, v in produced.items()}
+            arrays = dict(produced)
             labels = arrays.pop("labels", None)
             yield _single_input_or_named(self, arrays, {}, "labels"), labels
             return
+        if isinstance(produced, str | bytes) or not hasattr(produced, "__iter__"):
+            raise self.error(
+                f"the function returned {type(produced).__name__}; expected a dict of arrays "
+                "or an iterable of batches"
+            )
         for item in produced:
             if isinstance(item, Batch):
                 yield item.inputs, item.labels
             elif isinstance(item, dict):
-                arrays = {k: np.asarray(v) for k, v in item.items()}
+                arrays = dict(item)
                 labels = arrays.pop("labels", None)
                 yield _single_input_or_named(self, arrays, {}, "labels"), labels
             elif isinstance(item, tuple) and len(item) == 2:
                 inputs, labels = item
                 if not isinstance(inputs, dict):
                     inputs = {self.input_specs[0].name: inputs}
-                yield {k: np.asarray(v) for k, v in inputs.items()}, (
-                    None if labels is None else np.asarray(labels)
-                )
+                yield inputs, labels
             else:
                 raise self.error(
                     f"yielded a {type(item).__name__}; expected a Batch, a dict of arrays "
@@ -211,8 +237,8 @@ class CallableSource(DataSource):
 
 
 class RandomOptions(DataOptions):
-    samples: int = Field(64, ge=1, description="How many random samples.")
-    seed: int = Field(0, description="Random seed.")
+    samples: int = Field(64, ge=1, le=10_000_000, description="How many random samples.")
+    seed: int = Field(0, ge=0, description="Random seed.")
     dims: dict[str, int] = Field(
         default_factory=dict,
         description="Values for named dynamic dimensions (e.g. sequence: 128); others are 1.",
@@ -220,29 +246,64 @@ class RandomOptions(DataOptions):
 
 
 class RandomSource(DataSource):
-    """Random inputs shaped like the model's inputs: normal floats, zero integers.
+    """Random inputs shaped like the model's inputs.
 
-    Only for output-agreement checks; accuracy on random data means nothing.
+    - float inputs: standard normal values;
+    - integer inputs that index a table (token ids into an embedding, found by following
+      the input to a ``Gather``): ids drawn uniformly from the table's rows ``[0, rows)``;
+    - other integer and boolean inputs (attention masks, counts): ones — a valid index, a
+      mask that masks nothing.
+
+    :meth:`describe` says what was generated for each input. Only for output-agreement
+    checks; accuracy on random data means nothing.
     """
 
     name = "random"
     summary = "Random inputs shaped like the model's (agreement checks only)."
     Options = RandomOptions
 
+    def describe(self) -> str:
+        parts = []
+        for spec in self.input_specs:
+            if spec.dtype.kind == "f":
+                parts.append(f"{spec.name}: normal(0, 1)")
+            elif spec.index_limit is not None and spec.dtype.kind in "iu":
+                parts.append(f"{spec.name}: ids in [0, {spec.index_limit}) "
+                             f"(rows of '{spec.index_table}')")
+            else:
+                parts.append(f"{spec.name}: ones")
+        return "random (" + "; ".join(parts) + ")" if parts else "random"
+
     def _samples(self) -> Iterator[Chunk]:
+        """Drawn chunk by chunk, so that ``samples`` may exceed memory (one input's values
+        are the same stream as one big draw)."""
         opts: Any = self.options
         rng = np.random.default_rng(opts.seed)
-        inputs = {}
-        for spec in self.input_specs:
-            shape = [opts.samples] + [
-                d if isinstance(d, int) and d > 0 else opts.dims.get(str(d), 1)
-                for d in spec.shape[1:]
-            ]
-            if spec.dtype.kind == "f":
-                inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-            else:
-                inputs[spec.name] = np.zeros(shape, dtype=spec.dtype)
-        yield inputs, None
+        tails = {
+            spec.name: [d if isinstance(d, int) and d > 0 else opts.dims.get(str(d), 1)
+                        for d in spec.shape[1:]]
+            for spec in self.input_specs
+        }
+        step = min(opts.samples, max(opts.batch_size, 256))
+        # float64 draws, cast afterwards (the values stay those of earlier versions)
+        nbytes = sum(step * math.prod(tails[s.name]) * (8 + s.dtype.itemsize) for s in self.input_specs)
+        check_allocation(
+            nbytes, f"{self.role} data: random inputs of shape "
+            + ", ".join(f"{k}{[step, *v]}" for k, v in tails.items()),
+            hint="the model declares very large inputs: give real data, or smaller 'dims'",
+        )
+        for start in range(0, opts.samples, step):
+            n = min(step, opts.samples - start)
+            inputs = {}
+            for spec in self.input_specs:
+                shape = [n, *tails[spec.name]]
+                if spec.dtype.kind == "f":
+                    inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+                elif spec.index_limit is not None and spec.dtype.kind in "iu":
+                    inputs[spec.name] = rng.integers(0, spec.index_limit, shape).astype(spec.dtype)
+                else:
+                    inputs[spec.name] = np.ones(shape, dtype=spec.dtype)
+            yield inputs, None
 
 
 BUILTIN_SOURCES: list[type[DataSource]] = [

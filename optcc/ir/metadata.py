@@ -15,12 +15,16 @@ base64-encoded, other arrays as raw little-endian bytes, so a mask costs 1 bit p
 from __future__ import annotations
 
 import base64
+import binascii
 import copy
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from optcc.resources import check_allocation
 
 METADATA_KEY = "optcc.meta"
 FORMAT_VERSION = 1
@@ -53,17 +57,41 @@ def _encode(value: Any) -> Any:
     return value
 
 
+def _shape(value: Any) -> tuple[int, ...]:
+    shape = value.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise ValueError(f"bad array shape {shape!r}")
+    return tuple(shape)
+
+
 def _decode(value: Any) -> Any:
+    """The inverse of :func:`_encode`. Metadata comes from a file anyone may have written, so
+    every array's declared size is checked against the bytes that are really there (and
+    against the memory budget) before anything is allocated; a mismatch is a ValueError."""
     if isinstance(value, dict):
         kind = value.get("__ndarray__")
         if kind == "bits":
-            shape = tuple(value["shape"])
-            count = int(np.prod(shape)) if shape else 1
-            raw = np.frombuffer(base64.b64decode(value["data"]), dtype=np.uint8)
-            return np.unpackbits(raw, count=count).astype(bool).reshape(shape)
+            shape = _shape(value)
+            count = math.prod(shape)
+            raw = base64.b64decode(value["data"], validate=True)
+            if len(raw) != (count + 7) // 8:
+                raise ValueError(f"a bit array of shape {list(shape)} needs {(count + 7) // 8} "
+                                 f"bytes, the file holds {len(raw)}")
+            check_allocation(count, "decoding a metadata mask")
+            bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=count)
+            return bits.astype(bool).reshape(shape)
         if kind == "raw":
-            raw = base64.b64decode(value["data"])
-            return np.frombuffer(raw, dtype=np.dtype(value["dtype"])).reshape(value["shape"]).copy()
+            shape = _shape(value)
+            dtype = np.dtype(value["dtype"])
+            if dtype.hasobject:
+                raise ValueError("object arrays are not allowed in metadata")
+            raw = base64.b64decode(value["data"], validate=True)
+            if len(raw) != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"an array of shape {list(shape)} and type {dtype} does not "
+                                 f"match its {len(raw)} bytes")
+            return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
         return {k: _decode(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_decode(v) for v in value]
@@ -109,11 +137,24 @@ class Metadata:
 
     @classmethod
     def from_json(cls, text: str) -> Metadata:
-        payload = json.loads(text)
-        if payload.get("format") != FORMAT_VERSION:
-            raise ValueError(f"unsupported optcc metadata format {payload.get('format')!r}")
-        return cls(
-            history=_decode(payload.get("history", [])),
-            tensors=_decode(payload.get("tensors", {})),
-            nodes=_decode(payload.get("nodes", {})),
-        )
+        """Parse metadata; anything malformed raises ValueError (callers warn and go on
+        without it)."""
+        try:
+            payload = json.loads(text)
+            if not isinstance(payload, dict):
+                raise ValueError("not a JSON object")
+            if payload.get("format") != FORMAT_VERSION:
+                raise ValueError(f"unsupported optcc metadata format {payload.get('format')!r}")
+            meta = cls(
+                history=_decode(payload.get("history", [])),
+                tensors=_decode(payload.get("tensors", {})),
+                nodes=_decode(payload.get("nodes", {})),
+            )
+        except (KeyError, TypeError, AttributeError, RecursionError, binascii.Error) as exc:
+            raise ValueError(f"malformed optcc metadata ({type(exc).__name__}: {exc})") from exc
+        if not (isinstance(meta.history, list) and isinstance(meta.tensors, dict)
+                and isinstance(meta.nodes, dict)
+                and all(isinstance(v, dict) for v in (*meta.tensors.values(), *meta.nodes.values()))
+                and all(isinstance(h, dict) and isinstance(h.get("pass"), str) for h in meta.history)):
+            raise ValueError("malformed optcc metadata (wrong structure)")
+        return meta

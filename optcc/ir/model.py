@@ -61,14 +61,28 @@ class Model:
     # ------------------------------------------------------------------ load / save
     @classmethod
     def load(cls, path: str | Path) -> Model:
-        """Load an ONNX file (with external data, if it has any) and check its structure."""
-        path = Path(path)
+        """Load an ONNX file (with external data, if it has any) and check its structure.
+        A file system error (permissions, a name too long) is a clear error too."""
+        try:
+            return cls._load(Path(path))
+        except OSError as exc:
+            from optcc.resources import os_error
+
+            mapped = os_error(exc, "reading the model")
+            if mapped is not None:
+                raise mapped from exc
+            raise ModelError(f"cannot read the model: {exc.strerror or exc}", path=path) from exc
+
+    @classmethod
+    def _load(cls, path: Path) -> Model:
         if not path.exists():
             raise ModelError("model file not found", path=path)
         if path.is_dir():
             raise ModelError("expected an .onnx file, got a folder", path=path)
         try:
             proto = onnx.load(str(path), load_external_data=False)
+        except OSError:
+            raise
         except Exception as exc:  # protobuf DecodeError and friends
             raise ModelError(
                 f"not a valid ONNX model ({type(exc).__name__}: {exc})",

@@ -89,7 +89,7 @@ class Tolerance:
 class ToleranceOverride(BaseModel):
     """A recipe's override of a pass's declared tolerance."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     atol: float = Field(0.0, ge=0.0, description="Absolute bound on the largest output change.")
     rtol: float = Field(
         0.0, ge=0.0, description="Bound relative to the largest output magnitude."
@@ -97,9 +97,11 @@ class ToleranceOverride(BaseModel):
 
 
 class PassOptions(BaseModel):
-    """Base of every pass's options. Unknown keys are errors; ``tolerance`` is common."""
+    """Base of every pass's options. Unknown keys are errors, and so are NaN and infinite
+    numbers (YAML's ``.nan`` and ``.inf``): no option means anything with them.
+    ``tolerance`` is common to all passes."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     tolerance: ToleranceOverride | None = Field(
         None,
@@ -196,6 +198,22 @@ class Pass:
         """The capabilities a pass with these options needs (default: ``requires``).
         Override when an option adds a need (an accuracy budget needs evaluation data)."""
         return frozenset(cls.requires)
+
+    @classmethod
+    def couples_samples(cls, options: PassOptions) -> bool:
+        """Whether the pass, with these options, makes a sample's output depend on the other
+        samples in its batch by design (dynamic quantization: one scale per batch). The pass
+        manager checks that every pass keeps samples independent unless it says so here;
+        see :mod:`optcc.passes.batch`. Default: False."""
+        return False
+
+    @classmethod
+    def problems_in_recipe(cls, options: PassOptions, earlier: list[str]) -> list[str]:
+        """What is wrong with these options at this place in the recipe beyond their types,
+        one sentence each: a reference to a pass that does not run before this one, say.
+        ``earlier`` names the passes before it, in order. ``optcc validate`` reports every
+        problem with the pass's line; the default finds none."""
+        return []
 
     @property
     def effective_tolerance(self) -> Tolerance:

@@ -8,7 +8,9 @@ For every pass:
    names the pass, its position, its plugin and the passes that ran before it;
 4. the result is verified: ONNX checker (full), strict shape inference, and a run on the
    verification batch compared with the previous model's outputs within the pass's
-   tolerance (:class:`VerificationError`, :class:`ToleranceError`);
+   tolerance (:class:`VerificationError`, :class:`ToleranceError`); the batch checks of
+   :mod:`optcc.passes.batch` run it at batch 1 and an odd batch size too, and fail a pass
+   whose model no longer runs there or lets samples influence each other;
 5. statistics are recorded (time, parameters, bytes, FLOPs, sparsity, INT8 coverage, the
    metric, the largest output change) and the ``optcc_after_pass`` hook is called.
 
@@ -42,6 +44,7 @@ from optcc.ir.model import Model
 from optcc.ir.stats import model_stats
 from optcc.ir.verify import verify_model
 from optcc.passes.base import Pass, PassContext, PassResult
+from optcc.passes.batch import BatchChecker
 from optcc.runtime import OrtRunner
 
 logger = logging.getLogger(__name__)
@@ -60,7 +63,13 @@ class ScheduledPass:
 def output_difference(
     new: list[np.ndarray], old: list[np.ndarray]
 ) -> tuple[float, float]:
-    """The largest absolute output change, and the largest reference magnitude."""
+    """The largest absolute output change, and the largest finite reference magnitude.
+
+    NaN and infinities never pass for "no change": a value that is not finite in one
+    model but is in the other, or a different non-finite value (NaN, +inf, -inf), counts as
+    an infinite change. Python's ``max`` would skip a NaN; numpy's reductions are used on
+    the finite values only.
+    """
     worst = 0.0
     scale = 0.0
     for a, b in zip(new, old, strict=True):
@@ -68,9 +77,35 @@ def output_difference(
             return float("inf"), 0.0
         a64 = a.astype(np.float64)
         b64 = b.astype(np.float64)
-        worst = max(worst, float(np.max(np.abs(a64 - b64))) if a.size else 0.0)
-        scale = max(scale, float(np.max(np.abs(b64))) if b.size else 0.0)
+        finite_a, finite_b = np.isfinite(a64), np.isfinite(b64)
+        if not np.array_equal(finite_a, finite_b) or not np.array_equal(
+            a64[~finite_a], b64[~finite_b], equal_nan=True
+        ):
+            return float("inf"), scale
+        if finite_a.any():
+            worst = max(worst, float(np.max(np.abs(a64[finite_a] - b64[finite_a]))))
+            scale = max(scale, float(np.max(np.abs(b64[finite_b]))))
     return worst, scale
+
+
+def nonfinite_outputs(
+    new: list[np.ndarray], old: list[np.ndarray], names: list[str]
+) -> str | None:
+    """Which outputs became NaN or infinite where the previous model's were finite, in
+    words; None when none did."""
+    found = []
+    for name, a, b in zip(names, new, old, strict=False):
+        if a.dtype.kind not in "fc" or a.shape != b.shape:
+            continue
+        fresh = ~np.isfinite(a) & np.isfinite(b)
+        if fresh.any():
+            nan = int(np.isnan(a[fresh]).sum())
+            inf = int(fresh.sum()) - nan
+            parts = [f"{nan} NaN"] * bool(nan) + [f"{inf} infinite"] * bool(inf)
+            found.append(f"output '{name}' has {' and '.join(parts)} value(s)")
+    if not found:
+        return None
+    return "; ".join(found) + " on the verification batch, where the model before it had finite values"
 
 
 class PassManager:
@@ -99,13 +134,18 @@ class PassManager:
         self.pass_outputs_dir = pass_outputs_dir
         self.reproducer_recipe = reproducer_recipe
         self.records: list[dict[str, Any]] = []
+        self.batch_checks: BatchChecker | None = None
 
     def run(self, model: Model, ctx: PassContext) -> tuple[Model, list[dict[str, Any]]]:
         """Run every pass; return the final model and one report record per pass."""
         records = self.records
         records.clear()
         current = model
-        reference_outputs = OrtRunner(current).run(self.feeds)
+        runner = OrtRunner(current)
+        reference_outputs = runner.run(self.feeds)
+        self.batch_checks = BatchChecker.baseline(
+            runner, self.feeds, reference_outputs, static_batch=_static_batch(model)
+        )
         ran: list[str] = []
         for item in self.passes:
             ctx.position = item.position
@@ -195,9 +235,27 @@ class PassManager:
         after = result.model
         try:
             verify_model(after)
-            outputs = OrtRunner(after).run(self.feeds)
+            runner = OrtRunner(after)
+            outputs = runner.run(self.feeds)
         except ModelError as exc:
             raise self._fail(item, VerificationError(exc.message, **common), before, ctx) from exc
+        broken = nonfinite_outputs(outputs, reference_outputs, runner.output_names)
+        if broken:  # lossy or not, a pass that makes NaN/inf has failed
+            raise self._fail(item, VerificationError(
+                broken, hint="NaN or infinite weights? (a learning rate or another option "
+                "too large, or data out of range)", **common), before, ctx)
+        batch_record: dict[str, Any] = {}
+        if self.batch_checks is not None:
+            batch_record, problem = self.batch_checks.check(
+                runner, outputs, pass_name=p.name, couples_samples=p.couples_samples(p.options)
+            )
+            if problem is not None:
+                raise self._fail(
+                    item,
+                    VerificationError(problem, hint="a defect of the pass (the model before it "
+                                      "passed these checks)", **common),
+                    before, ctx,
+                )
         diff, scale = output_difference(outputs, reference_outputs)
         tolerance = p.effective_tolerance
         if tolerance.enforced and not tolerance.allows(diff, scale):
@@ -229,6 +287,7 @@ class PassManager:
             "sparsity": stats.sparsity,
             "int8_coverage": stats.int8_coverage,
             "max_abs_diff": diff,
+            "batch_coupling": batch_record,
             "tolerance": tolerance.describe(),
             "stats": _jsonable(result.stats),
             "files": published,
@@ -282,6 +341,13 @@ class PassManager:
             logger.exception("could not write the reproducer")
             return None
         return folder
+
+
+def _static_batch(model: Model) -> bool:
+    """Whether an input's first (batch) dimension is a fixed number."""
+    return any(
+        t.shape and isinstance(t.shape[0], int) and t.shape[0] > 0 for t in model.inputs
+    )
 
 
 def _hook_owner(exc: BaseException) -> str:

@@ -2,14 +2,22 @@
 
 Everything is checked before any work starts: YAML syntax and duplicate keys, the schema,
 that every pass, data source and backend exists (with a did-you-mean otherwise), every
-option's type and range, and that each pass's requirements (calibration data, training
-data, torch, CUDA) can be met.
+option's type and range (NaN and infinities are refused), that each pass's requirements
+(calibration data, training data, torch, CUDA) can be met, and that passes' references to
+each other resolve. Every error is collected and reported at once, in file order
+(:class:`RecipeErrors`).
+
+Parsing is bounded, because a recipe may come from anyone: at most ``MAX_RECIPE_BYTES`` of
+text, ``MAX_DEPTH`` levels of nesting, ``MAX_VALUES`` values once YAML aliases are expanded
+(a few hundred bytes of nested aliases can otherwise expand to gigabytes), and no NUL
+characters, each refused with ``file:line:col``.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib.util
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +26,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from optcc.errors import RecipeError
+from optcc.errors import RecipeError, RecipeErrors
 from optcc.recipe.schema import DATA_ROLES, SCHEMA_VERSION, RecipeModel
 
 Loc = tuple[str | int, ...]
+
+MAX_RECIPE_BYTES = 4 * 2**20
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
+_PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
 
 
 # --------------------------------------------------------------------------- YAML with marks
@@ -32,6 +45,9 @@ class _Located:
         self.file = file
         self.marks: dict[Loc, tuple[int, int]] = {}
         self.key_marks: dict[Loc, tuple[int, int]] = {}
+        self.errors: list[RecipeError] = []
+        self.values = 0
+        self.seen: set[int] = set()
 
     def where(self, loc: Sequence[str | int], *, key: bool = False) -> tuple[int, int] | None:
         """The mark of the deepest known prefix of ``loc`` (1-based line and column)."""
@@ -53,7 +69,35 @@ class _Located:
         line, col = mark if mark else (None, None)
         return RecipeError(message, file=self.file, line=line, col=col, hint=hint)
 
+    def add(
+        self, message: str, loc: Sequence[str | int] = (), *, key: bool = False,
+        hint: str | None = None,
+    ) -> None:
+        """Record an error and carry on (all errors are reported at once)."""
+        self.errors.append(self.error(message, loc, key=key, hint=hint))
+
+    def at(self, node: yaml.Node, message: str, hint: str | None = None) -> RecipeError:
+        return RecipeError(
+            message, file=self.file, line=node.start_mark.line + 1,
+            col=node.start_mark.column + 1, hint=hint,
+        )
+
     def build(self, node: yaml.Node, loader: yaml.SafeLoader, path: Loc = ()) -> Any:
+        if not isinstance(node, yaml.ScalarNode) and node.tag not in _PLAIN_TAGS:
+            raise self.at(node, f"YAML tag '{node.tag}' is not allowed in a recipe")
+        self.values += 1
+        if self.values > MAX_VALUES or len(path) > MAX_DEPTH:
+            # Aliases share nodes, so the node's own mark may be far from the cause: point at
+            # the top-level key whose value grew too big or too deep.
+            line, col = self.key_marks.get(path[:1], (node.start_mark.line + 1, node.start_mark.column + 1))
+            raise RecipeError(
+                f"the recipe expands to more than {MAX_VALUES:,} values"
+                if self.values > MAX_VALUES else f"the recipe nests deeper than {MAX_DEPTH} levels",
+                file=self.file, line=line, col=col,
+                hint="YAML aliases (*name) repeat what they name; a recipe never needs this much"
+                if id(node) in self.seen or self.values > MAX_VALUES else None,
+            )
+        self.seen.add(id(node))
         self.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
         if isinstance(node, yaml.MappingNode):
             result: dict[Any, Any] = {}
@@ -80,13 +124,43 @@ class _Located:
             return result
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, loader, (*path, i)) for i, item in enumerate(node.value)]
-        return loader.construct_object(node)
+        value = loader.construct_object(node)
+        if isinstance(value, str) and "\x00" in value:
+            raise self.at(node, "a NUL character (\\0) in a value")
+        return value
+
+
+def _check_text(file: Path, text: str) -> None:
+    """Refuse NUL and the other characters YAML forbids, and nesting beyond ``MAX_DEPTH``,
+    with their line and column, before PyYAML's recursive composer sees the text."""
+    bad = yaml.reader.Reader.NON_PRINTABLE.search(text)
+    if bad:
+        index, char = bad.start(), bad.group()
+        line = text.count("\n", 0, index) + 1
+        col = index - (text.rfind("\n", 0, index) + 1) + 1
+        what = "a NUL byte" if char == "\x00" else f"the character U+{ord(char):04X}"
+        raise RecipeError(f"{what} in the recipe", file=file, line=line, col=col,
+                          hint="recipes are plain UTF-8 text")
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                mark = event.start_mark
+                raise RecipeError(
+                    f"the recipe nests deeper than {MAX_DEPTH} levels", file=file,
+                    line=mark.line + 1, col=mark.column + 1,
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 def _parse_yaml(file: Path, text: str) -> tuple[Any, _Located]:
     located = _Located(file)
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        _check_text(file, text)
+        loader = yaml.SafeLoader(text)
         node = loader.get_single_node()
         if node is None:
             return None, located
@@ -100,8 +174,11 @@ def _parse_yaml(file: Path, text: str) -> tuple[Any, _Located]:
         ) from exc
     except yaml.YAMLError as exc:
         raise RecipeError(f"invalid YAML: {exc}", file=file) from exc
+    except RecursionError as exc:
+        raise RecipeError(f"the recipe nests too deeply (limit {MAX_DEPTH})", file=file) from exc
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 # --------------------------------------------------------------------------- the plan
@@ -138,6 +215,7 @@ class Plan:
     data: dict[str, DataPlan] = field(default_factory=dict)
     backend_cls: type | None = None
     backend_options: Any = None
+    located: Any = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -155,6 +233,57 @@ class Plan:
         p = Path(path).expanduser()
         return p if p.is_absolute() else self.base_dir / p
 
+    def output_folder(self, override: str | Path | None = None) -> Path:
+        """The absolute output folder: ``override`` (``-o``, relative to the working
+        folder) or the recipe's ``output`` (relative to the recipe). A link as the last part
+        stays a link, so the ownership check sees the link and not its target."""
+        from optcc.errors import OutputError
+
+        if override is not None:
+            text = str(override)
+            if not text.strip():
+                raise OutputError("the output folder is an empty string",
+                                  hint="give a folder, e.g. -o out/model")
+            path = Path(text).expanduser()
+        elif self.recipe.output is None and self.file.stem in {"", ".", ".."}:
+            raise OutputError(
+                f"cannot name an output folder after the recipe file '{self.file.name}'",
+                hint="set 'output:' in the recipe, or pass -o",
+            )
+        else:
+            path = self.output_dir
+        if "\x00" in str(path):
+            raise OutputError("the output folder's name contains a NUL byte")
+        path = Path(os.path.abspath(path))
+        if not path.name:
+            raise OutputError(f"the output folder cannot be the root folder {path}")
+        return path.parent.resolve() / path.name
+
+    def input_files(self) -> list[Path]:
+        """Every file or folder the build reads: the recipe, the model or the torch
+        factory's file, and the paths in data, target and pass options (options named
+        ``path``, ``*_path``, ``*_file``, ``*_cache``, and ``file.py:function`` specs)."""
+        found = [self.file.resolve()]
+        spec = self.recipe.model
+        for value in (spec.path, spec.torch):
+            found += option_paths(self, "path", value)
+        option_sets = [entry.options for entry in self.data.values()]
+        option_sets += [self.backend_options] + [p.options for p in self.passes]
+        for options in option_sets:
+            for key, value in dict(options or {}).items():
+                found += option_paths(self, key, value)
+        return found
+
+
+def option_paths(plan: Plan, key: str, value: Any) -> list[Path]:
+    if not isinstance(value, str) or not value or "\x00" in value:
+        return []
+    if ".py:" in value:
+        return [plan.resolve(value.rpartition(":")[0])]
+    if key == "path" or key.endswith(("_path", "_file", "_cache")):
+        return [plan.resolve(value)]
+    return []
+
 
 def suggest(word: str, candidates: Sequence[str]) -> str | None:
     """'did you mean ...?' for the closest candidate, or None."""
@@ -162,15 +291,21 @@ def suggest(word: str, candidates: Sequence[str]) -> str | None:
     return f"did you mean '{close[0]}'?" if close else None
 
 
-def _pydantic_error(
+def _pydantic_errors(
     exc: ValidationError,
     located: _Located,
     prefix: Loc,
     model: type[BaseModel],
     what: str,
+) -> list[RecipeError]:
+    """Every pydantic error as a RecipeError at the right line."""
+    return [_one_pydantic_error(err, located, prefix, model, what) for err in exc.errors()]
+
+
+def _one_pydantic_error(
+    err: Any, located: _Located, prefix: Loc, model: type[BaseModel], what: str
 ) -> RecipeError:
-    """Turn the first pydantic error into a RecipeError at the right line."""
-    err = exc.errors()[0]
+    """One pydantic error as a RecipeError at the line of the value (or key) it is about."""
     loc = tuple(err["loc"])
     full = (*prefix, *loc)
     dotted = ".".join(str(p) for p in full) if full else "recipe"
@@ -236,20 +371,75 @@ def find_recipe(name: str, registry: Any = None) -> Path:
 
 
 def load_recipe(path: str | Path, registry: Any = None) -> Plan:
-    """Parse and fully validate the recipe at ``path`` (see module docstring)."""
+    """Parse and fully validate the recipe at ``path`` (see module docstring); raise
+    :class:`RecipeErrors` listing every mistake, in file order."""
+    plan, errors = plan_recipe(path, registry)
+    if errors:
+        raise RecipeErrors(sort_errors(errors))
+    assert plan is not None
+    return plan
+
+
+def sort_errors(errors: list[RecipeError]) -> list[RecipeError]:
+    """Errors in file order (those without a line first), duplicates dropped."""
+    unique = {str(e): e for e in errors}
+    return sorted(unique.values(), key=lambda e: (e.line or 0, e.col or 0))
+
+
+def plan_recipe(path: str | Path, registry: Any = None) -> tuple[Plan | None, list[RecipeError]]:
+    """The plan and every error found in the recipe (the plan is None when too little of
+    the recipe is valid to plan anything). Errors that stop parsing are raised."""
     from optcc.plugins import get_registry
 
     registry = registry or get_registry()
+    file, raw, located = _read_recipe(path, registry)
+    normalized = dict(raw)
+    for key, long_key in (("model", "path"), ("target", "backend"), ("output", "path")):
+        if isinstance(normalized.get(key), str):
+            normalized[key] = {long_key: normalized[key]}
+    recipe = _validate_top(normalized, located)
+    if recipe is None:
+        return None, located.errors
+    if bool(recipe.model.path) == bool(recipe.model.torch):
+        located.add(
+            "model: give exactly one of 'path' (an ONNX file) or 'torch' (a module factory)",
+            ("model",),
+        )
+    elif recipe.model.torch and not recipe.model.inputs:
+        located.add(
+            "model: a torch model needs 'inputs' (name, shape, dtype per input) to export",
+            ("model",),
+        )
+    plan = Plan(file=file, base_dir=file.resolve().parent, recipe=recipe, raw=raw, located=located)
+    _plan_target(plan, located, registry)
+    _plan_data(plan, located, registry)
+    _plan_passes(plan, located, registry)
+    return plan, located.errors
+
+
+def _read_recipe(path: str | Path, registry: Any) -> tuple[Path, dict[str, Any], _Located]:
+    """The recipe file's YAML as a mapping with marks; fatal problems are raised."""
     file = find_recipe(str(path), registry)
-    if not file.exists():
-        near = suggest(file.name, [p.name for p in file.parent.glob("*.y*ml")]) if file.parent.exists() else None
-        raise RecipeError("recipe file not found", file=file, hint=near)
-    if file.is_dir():
-        raise RecipeError("expected a recipe .yaml file, got a folder", file=file)
     try:
+        if not file.exists():
+            near = (suggest(file.name, [p.name for p in file.parent.glob("*.y*ml")])
+                    if file.parent.is_dir() else None)
+            raise RecipeError("recipe file not found", file=file, hint=near)
+        if file.is_dir():
+            raise RecipeError("expected a recipe .yaml file, got a folder", file=file)
+        size = file.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(
+                f"the recipe is {size:,} bytes; optcc reads recipes of up to "
+                f"{MAX_RECIPE_BYTES:,}", file=file,
+            )
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise RecipeError("recipe is not UTF-8 text", file=file) from exc
+    except OSError as exc:
+        from optcc.resources import raise_os_error
+
+        raise_os_error(exc, "reading the recipe")
     raw, located = _parse_yaml(file, text)
     if raw is None:
         raise RecipeError(
@@ -258,39 +448,29 @@ def load_recipe(path: str | Path, registry: Any = None) -> Plan:
         )
     if not isinstance(raw, dict):
         raise located.error(f"a recipe is a mapping of keys, got a {type(raw).__name__}")
-    if "version" in raw and raw["version"] != SCHEMA_VERSION:
+    version = raw.get("version")
+    if "version" in raw and (type(version) is not int or version != SCHEMA_VERSION):
         raise located.error(
-            f"unsupported recipe version {raw['version']!r}; this optcc reads version "
+            f"unsupported recipe version {version!r}; this optcc reads version "
             f"{SCHEMA_VERSION}", ("version",),
         )
-    normalized = dict(raw)
-    if isinstance(normalized.get("model"), str):
-        normalized["model"] = {"path": normalized["model"]}
-    if isinstance(normalized.get("target"), str):
-        normalized["target"] = {"backend": normalized["target"]}
-    if isinstance(normalized.get("output"), str):
-        normalized["output"] = {"path": normalized["output"]}
-    try:
-        recipe = RecipeModel.model_validate(normalized)
-    except ValidationError as exc:
-        raise _pydantic_error(exc, located, (), RecipeModel, "recipe") from exc
+    return file, raw, located
 
-    if bool(recipe.model.path) == bool(recipe.model.torch):
-        raise located.error(
-            "model: give exactly one of 'path' (an ONNX file) or 'torch' (a module factory)",
-            ("model",),
-        )
-    if recipe.model.torch and not recipe.model.inputs:
-        raise located.error(
-            "model: a torch model needs 'inputs' (name, shape, dtype per input) to export",
-            ("model",),
-        )
-    base_dir = file.resolve().parent
-    plan = Plan(file=file, base_dir=base_dir, recipe=recipe, raw=raw)
-    _plan_target(plan, located, registry)
-    _plan_data(plan, located, registry)
-    _plan_passes(plan, located, registry)
-    return plan
+
+def _validate_top(normalized: dict[str, Any], located: _Located) -> RecipeModel | None:
+    """Validate the top level, recording every error. Sections with errors are then left
+    out (their defaults stand in) so that the rest of the recipe can still be checked."""
+    try:
+        return RecipeModel.model_validate(normalized)
+    except ValidationError as exc:
+        located.errors += _pydantic_errors(exc, located, (), RecipeModel, "recipe")
+        bad = {e["loc"][0] for e in exc.errors() if e["loc"]}
+    if not bad or bad & {"version", "model"}:
+        return None
+    try:
+        return RecipeModel.model_validate({k: v for k, v in normalized.items() if k not in bad})
+    except ValidationError:
+        return None
 
 
 def _plan_target(plan: Plan, located: _Located, registry: Any) -> None:
@@ -302,12 +482,14 @@ def _plan_target(plan: Plan, located: _Located, registry: Any) -> None:
         hint = suggest(name, list(registry.backends)) or (
             "known backends: " + ", ".join(sorted(registry.backends))
         )
-        raise located.error(f"unknown target backend '{name}'", loc, hint=hint)
+        located.add(f"unknown target backend '{name}'", loc, hint=hint)
+        return
     options = {k: v for k, v in (target.model_extra or {}).items()}
     try:
         plan.backend_options = cls.Options.model_validate(options)
     except ValidationError as exc:
-        raise _pydantic_error(exc, located, ("target",), cls.Options, f"target '{name}'") from exc
+        located.errors += _pydantic_errors(exc, located, ("target",), cls.Options, f"target '{name}'")
+        return
     plan.backend_cls = cls
 
 
@@ -319,15 +501,17 @@ def _plan_data(plan: Plan, located: _Located, registry: Any) -> None:
             hint = suggest(name, list(registry.data_sources)) or (
                 "known sources: " + ", ".join(sorted(registry.data_sources))
             )
-            raise located.error(
+            located.add(
                 f"data.{role}: unknown data source '{name}'", ("data", role, "source"), hint=hint
             )
+            continue
         try:
             options = cls.Options.model_validate(dict(entry.model_extra or {}))
         except ValidationError as exc:
-            raise _pydantic_error(
+            located.errors += _pydantic_errors(
                 exc, located, ("data", role), cls.Options, f"data.{role} ({name})"
-            ) from exc
+            )
+            continue
         plan.data[role] = DataPlan(role=role, source=name, cls=cls, options=options)
 
 
@@ -345,6 +529,7 @@ def available_capabilities(plan: Plan) -> set[str]:
 
 def _plan_passes(plan: Plan, located: _Located, registry: Any) -> None:
     caps: set[str] | None = None
+    earlier: list[str] = []
     for index, item in enumerate(plan.recipe.passes):
         loc: Loc = ("passes", index)
         if isinstance(item, str):
@@ -353,15 +538,17 @@ def _plan_passes(plan: Plan, located: _Located, registry: Any) -> None:
             name, options = next(iter(item.items()))
             options = {} if options is None else options
             if not isinstance(options, dict):
-                raise located.error(
+                located.add(
                     f"pass '{name}': options must be a mapping of option: value, got "
                     f"{type(options).__name__}", (*loc, name),
                 )
+                continue
         else:
-            raise located.error(
+            located.add(
                 "each pass is a name ('- fold-constants') or a name with options "
                 "('- fold-batchnorm: {...}')", loc,
             )
+            continue
         cls = registry.passes.get(name)
         if cls is None:
             hint = suggest(name, list(registry.passes)) or (
@@ -370,13 +557,14 @@ def _plan_passes(plan: Plan, located: _Located, registry: Any) -> None:
             note = registry.failed_plugins_note()
             if note:
                 hint = f"{hint}; {note}"
-            raise located.error(f"unknown pass '{name}'", loc if isinstance(item, str) else (*loc, name), key=True, hint=hint)
+            located.add(f"unknown pass '{name}'", loc if isinstance(item, str) else (*loc, name),
+                        key=True, hint=hint)
+            continue
         try:
             validated = cls.Options.model_validate(options)
         except ValidationError as exc:
-            raise _pydantic_error(
-                exc, located, (*loc, name), cls.Options, f"pass '{name}'"
-            ) from exc
+            located.errors += _pydantic_errors(exc, located, (*loc, name), cls.Options, f"pass '{name}'")
+            continue
         needs = {getattr(r, "value", r) for r in cls.required_for(validated)}
         if needs:
             caps = caps if caps is not None else available_capabilities(plan)
@@ -389,11 +577,14 @@ def _plan_passes(plan: Plan, located: _Located, registry: Any) -> None:
                     "torch": "pip install 'optcc[torch]'",
                     "cuda": "run on a machine with an NVIDIA GPU and a CUDA build of torch",
                 }
-                raise located.error(
+                located.add(
                     f"pass '{name}' needs {', '.join(missing)}, which this recipe/machine "
                     "does not provide",
                     loc, hint="; ".join(fixes.get(m, m) for m in missing),
                 )
+        for problem in cls.problems_in_recipe(validated, list(earlier)):
+            located.add(f"pass '{name}': {problem}", loc if isinstance(item, str) else (*loc, name))
+        earlier.append(name)
         mark = located.where(loc)
         plan.passes.append(
             PlannedPass(
@@ -404,4 +595,4 @@ def _plan_passes(plan: Plan, located: _Located, registry: Any) -> None:
         )
 
 
-__all__ = ["DATA_ROLES", "Plan", "PlannedPass", "load_recipe", "suggest"]
+__all__ = ["DATA_ROLES", "Plan", "PlannedPass", "load_recipe", "plan_recipe", "suggest"]

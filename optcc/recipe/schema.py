@@ -31,7 +31,7 @@ DATA_ROLES = ("calibration", "training", "evaluation")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class InputSpecModel(_Strict):
@@ -126,7 +126,7 @@ class RecipeModel(_Strict):
     )
     passes: list[Any] = Field(default_factory=list, description="The passes, in order.")
     output: OutputSpec | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for everything random.")
 
 
 def type_name(annotation: Any) -> str:

@@ -145,6 +145,15 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
         f"- verification: {report['verification']['batch_size']} samples from "
         f"{report['verification']['data']} data, after every pass"
     )
+    checks = report["verification"].get("batch_checks")
+    if checks:
+        line = f"- batch checks: {', '.join(checks['probes']) or 'none'}"
+        line += (", samples independent of their batch-mates" if checks["independence"]
+                 else ", runs and shapes only")
+        line += "".join(f"; {probe} skipped: {why}" for probe, why in checks["skipped"].items())
+        if checks.get("coupled_since"):
+            line += f"; samples depend on their batch-mates from '{checks['coupled_since']}' on"
+        out.append(line)
     out += ["", "## Passes", "", _md_table(PASS_HEADERS, pass_rows(report)), ""]
     out += ["## Latency", "", _md_table(LATENCY_HEADERS, latency_rows(report)), ""]
     if report["final"].get("latency_not_measured"):

@@ -11,7 +11,13 @@ writes the trained weights back into the same initializers. The loss is
 for classifier outputs (2-D); other outputs (encoder states) use MSE to the teacher instead
 of KL. Training is seeded and deterministic on CPU, shows a progress bar with the loss,
 checkpoints every epoch (an interrupted run resumes from its last epoch when re-run with the
-same model and options), honours sparsity masks, and trains Q/DQ models quantization-aware.
+same model and options, in any process), honours sparsity masks, and trains Q/DQ models
+quantization-aware. It stops with a clear error when the loss stops being a finite number.
+
+Checkpoints never run code: the weights are written with ``torch.save`` and read back with
+``torch.load(weights_only=True)``, and a JSON record beside them holds their SHA-256. A
+checkpoint whose hash, contents or shapes do not match is reported in one warning line and
+ignored; training then starts from the beginning.
 Under ``torchrun`` (``torchrun --nproc_per_node N -m optcc.cli build recipe.yaml``) every
 rank runs the same deterministic build; ``distill`` joins the process group (NCCL on CUDA,
 gloo on CPU) and trains with DistributedDataParallel, each rank taking every
@@ -38,7 +44,17 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from optcc import Capability, Model, Pass, PassContext, PassOptions, PassResult, Tolerance, hookimpl
+from optcc import (
+    Capability,
+    Model,
+    OptccError,
+    Pass,
+    PassContext,
+    PassOptions,
+    PassResult,
+    Tolerance,
+    hookimpl,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +154,8 @@ def join_process_group() -> bool:
 
 
 def checkpoint_key(student: Model, teacher: Model, options: dict[str, Any]) -> str:
+    """A content hash of the student, the teacher and the options: the same training in any
+    process (or on any rank) gets the same checkpoint name."""
     digest = hashlib.sha256()
     for m in (student, teacher):
         for t in sorted(m.graph.tensors().values(), key=lambda t: t.name):
@@ -179,13 +197,15 @@ def train_distill(
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(student)
     params = [p for p in student.parameters() if p.requires_grad]
-    if options.optimizer == "sgd":
-        opt: Any = torch.optim.SGD(params, lr=options.learning_rate, momentum=options.momentum,
+
+    def make_optimizer() -> Any:
+        if options.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=options.learning_rate, momentum=options.momentum,
                                    weight_decay=options.weight_decay)
-    elif options.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=options.learning_rate, weight_decay=options.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=options.weight_decay)
+        kind = torch.optim.Adam if options.optimizer == "adam" else torch.optim.AdamW
+        return kind(params, lr=options.learning_rate, weight_decay=options.weight_decay)
+
+    opt = make_optimizer()
     steps_per_epoch = sum(1 for _ in batches())
     if options.max_batches:
         steps_per_epoch = min(steps_per_epoch, options.max_batches)
@@ -199,14 +219,24 @@ def train_distill(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     start_epoch, history = 0, []
-    if checkpoint is not None and options.resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        student.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"], state["history"]
-        torch.set_rng_state(state["torch_rng"])
-        logger.info("distill: resumed from epoch %d (%s)", start_epoch, checkpoint)
+    state = read_checkpoint(checkpoint, device, options.epochs) if checkpoint and options.resume else None
+    if state is not None:
+        snapshot = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        try:
+            _check_state_shapes(student.state_dict(), state["model"])
+            student.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+            start_epoch, history = int(state["epoch"]), [float(v) for v in state["history"]]
+            logger.info("distill: resumed from epoch %d (%s)", start_epoch, checkpoint)
+        except Exception as exc:  # a checkpoint of another model: start over, cleanly
+            logger.warning("distill: ignoring checkpoint %s (%s); training starts from epoch 1",
+                           checkpoint, _first_line(exc))
+            student.load_state_dict(snapshot)
+            opt = make_optimizer()
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+            torch.manual_seed(seed)
     student.apply_masks()
     out_names = student.output_names
     student_features = list(options.feature_mse)
@@ -251,6 +281,7 @@ def train_distill(
                 loss = loss + options.label_weight * F.cross_entropy(s_logits, labels)
             for s_f, t_f in zip(s_out[1:], t_out[1:], strict=True):
                 loss = loss + options.feature_weight * F.mse_loss(s_f, t_f)
+            _stop_unless_finite(loss, epoch, i, options, distributed)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             student.mask_gradients()
@@ -272,12 +303,10 @@ def train_distill(
             total_loss, seen = float(loss_sum[0]), int(loss_sum[1])
         history.append(total_loss / max(seen, 1))
         if checkpoint is not None and rank == 0:
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            tmp = checkpoint.with_suffix(".tmp")
-            torch.save({"epoch": epoch + 1, "history": history, "model": student.state_dict(),
-                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "torch_rng": torch.get_rng_state()}, tmp)
-            os.replace(tmp, checkpoint)
+            write_checkpoint(checkpoint, {
+                "epoch": epoch + 1, "history": history, "model": student.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "torch_rng": torch.get_rng_state()})
     trained = student.to("cpu").write_back()
     return trained, {
         "loss_per_epoch": history, "seconds": round(time.perf_counter() - started, 3),
@@ -302,6 +331,13 @@ class DistillPass(Pass):
             needs.add(Capability.CUDA)
         return frozenset(needs)
 
+    @classmethod
+    def problems_in_recipe(cls, options: Any, earlier: list[str]) -> list[str]:
+        if options.teacher == "original" or options.teacher in earlier:
+            return []
+        return [f"teacher '{options.teacher}' is neither 'original' nor a pass that runs "
+                f"before this one (earlier passes: {', '.join(earlier) or 'none'})"]
+
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         opts: Any = self.options
         if opts.teacher == "original":
@@ -317,16 +353,117 @@ class DistillPass(Pass):
         checkpoint = None
         if ctx.cache_dir is not None:
             key = checkpoint_key(model, teacher, {**options, "seed": ctx.seed})
-            checkpoint = ctx.cache_dir / f"distill-{key}.pt"
-        join_process_group()
+            checkpoint = ctx.cache_dir / f"distill-{key}.json"
+        distributed = join_process_group()
         trained, stats = train_distill(
             model, teacher, lambda: ctx.batches("training"), opts, seed=ctx.seed,
             progress=ctx.progress, checkpoint=checkpoint,
         )
-        if checkpoint is not None and checkpoint.exists():
-            checkpoint.unlink()  # finished: the checkpoint has served its purpose
+        if checkpoint is not None and (not distributed or _rank() == 0):
+            remove_checkpoint(checkpoint)  # finished: the checkpoint has served its purpose
         trained.source = model.source
         return PassResult(trained, True, stats)
+
+
+def _rank() -> int:
+    import torch
+
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _stop_unless_finite(loss: Any, epoch: int, step: int, options: DistillOptions,
+                        distributed: bool) -> None:
+    """Stop training on a NaN or infinite loss (on every rank at once under DDP)."""
+    import torch
+
+    bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach())) else 1.0], device=loss.device)
+    if distributed:
+        torch.distributed.all_reduce(bad)
+    if bad.item():
+        raise OptccError(
+            f"the training loss became {float(loss.detach())} in epoch {epoch + 1}, step "
+            f"{step + 1}; the weights would be garbage, so training stopped",
+            hint=f"lower learning_rate (now {options.learning_rate:g}) or temperature "
+            f"(now {options.temperature:g}), or check the training data for extreme values",
+        )
+
+
+# ---- checkpoints: a JSON record (epoch, file, SHA-256) beside weights saved without pickle
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _weights_file(record: Path, epoch: int) -> Path:
+    return record.with_name(f"{record.stem}-epoch{epoch:05d}.pt")
+
+
+def write_checkpoint(record: Path, state: dict[str, Any]) -> None:
+    """Save ``state`` as ``RECORD-epochNNNNN.pt`` and point ``record`` at it with its hash;
+    older epochs' files go. A crash at any point leaves the record naming a complete file."""
+    import torch
+
+    record.parent.mkdir(parents=True, exist_ok=True)
+    weights = _weights_file(record, int(state["epoch"]))
+    tmp = weights.with_name(weights.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, weights)
+    entry = {"format": 1, "file": weights.name, "sha256": _sha256(weights), "epoch": state["epoch"]}
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(json.dumps(entry) + "\n")
+    os.replace(tmp, record)
+    for old in record.parent.glob(f"{record.stem}-epoch*.pt"):
+        if old != weights:
+            old.unlink(missing_ok=True)
+
+
+def read_checkpoint(record: Path, device: Any, epochs: int) -> dict[str, Any] | None:
+    """The state saved under ``record``, or None (with one warning line when there was a
+    checkpoint that cannot be used). Nothing in it is executed: weights_only loading."""
+    import torch
+
+    if not record.exists():
+        return None
+    try:
+        entry = json.loads(record.read_text())
+        name = entry["file"]
+        if not isinstance(name, str) or not name.startswith(record.stem + "-epoch") or "/" in name:
+            raise ValueError(f"the record names an unexpected file {name!r}")
+        weights = record.with_name(name)
+        if _sha256(weights) != entry["sha256"]:
+            raise ValueError(f"{weights.name} does not match the SHA-256 recorded when it was "
+                             "written")
+        state = torch.load(weights, map_location=device, weights_only=True)
+        if not isinstance(state, dict) or not 1 <= int(state["epoch"]) <= epochs:
+            raise ValueError("it does not hold a distillation state")
+    except Exception as exc:
+        logger.warning("distill: ignoring checkpoint %s (%s); training starts from epoch 1",
+                       record, _first_line(exc))
+        return None
+    return state
+
+
+def remove_checkpoint(record: Path) -> None:
+    for old in record.parent.glob(f"{record.stem}-epoch*.pt"):
+        old.unlink(missing_ok=True)
+    record.unlink(missing_ok=True)
+
+
+def _check_state_shapes(expected: dict[str, Any], found: Any) -> None:
+    if not isinstance(found, dict) or set(found) != set(expected):
+        raise ValueError("its parameters are not this model's")
+    for key, value in expected.items():
+        if tuple(getattr(found[key], "shape", ())) != tuple(value.shape):
+            raise ValueError(f"parameter {key} has shape {tuple(found[key].shape)}, "
+                             f"expected {tuple(value.shape)}")
 
 
 class RecalibrateBatchNormOptions(PassOptions):

@@ -128,6 +128,11 @@ class Int8QuantizePass(Pass):
             needs.add(Capability.EVALUATION_DATA)
         return frozenset(needs)
 
+    @classmethod
+    def couples_samples(cls, options: Any) -> bool:
+        # DynamicQuantizeLinear takes one scale over the whole batch.
+        return bool(options.mode == "dynamic")
+
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         opts: Any = self.options
         fmt = opts.format

@@ -9,7 +9,7 @@ extensible by plugins through op rules); this plugin ranks the groups it finds
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -24,6 +24,7 @@ from optcc import (
     channels,
     hookimpl,
     model_stats,
+    restore_nm_patterns,
 )
 
 from .importance import (
@@ -63,7 +64,7 @@ class PruneOptions(PassOptions):
         8, ge=1, description="Kept channel counts are rounded up to a multiple of this."
     )
     min_channels: int = Field(8, ge=1, description="Never keep fewer channels in a layer.")
-    overrides: dict[str, float] = Field(
+    overrides: dict[str, Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
         default_factory=dict,
         description="Per-layer ratios: node-name pattern (fnmatch) -> ratio (target channels).",
     )
@@ -187,6 +188,9 @@ class StructuredPruningPass(Pass):
             return PassResult(model, False, stats, reason="nothing to prune: " + (
                 "; ".join(f"{k}: {v}" for k, v in list(blocked.items())[:3]) or "no prunable group"))
         channels.slice_channels(model, analysis, removed)
+        nm_patterns = restore_nm_patterns(model)  # 2:4 layers whose input channels shifted
+        if nm_patterns:
+            stats["nm_patterns"] = nm_patterns
         after = model_stats(model)
         after_layers = {layer.name: layer for layer in after.layers}
         rows = []
