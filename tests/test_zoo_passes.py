@@ -1,0 +1,71 @@
+"""Every built-in pass on every zoo model (both exporters), as a build runs them.
+
+The lossless passes, recalibrate-batchnorm, 2:4 sparsity and static INT8 run as one
+pipeline, dynamic INT8 on its own; each through the pass manager, so every pass is
+verified (checker, shape inference, output tolerance, no new NaN) and batch-checked (batch
+1, an odd size, samples independent). Pruning and distillation have their own zoo tests
+(test_pruning_zoo.py, test_zoo_distill.py). The reports must describe the written model.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import zoo  # noqa: E402
+from conftest import run_pipeline  # noqa: E402
+from optcc_plugins.distillation import RecalibrateBatchNormPass  # noqa: E402
+from optcc_plugins.int8 import Int8QuantizePass  # noqa: E402
+from optcc_plugins.lossless import (  # noqa: E402
+    EliminateDeadNodesPass,
+    FoldBatchNormPass,
+    FoldConstantsPass,
+)
+from optcc_plugins.sparsity import SparsifyPass  # noqa: E402
+
+from optcc.ir import Model  # noqa: E402
+from optcc.sparse.pattern import layer_compliance  # noqa: E402
+
+CASES = [pytest.param(n, e, id=f"{n}-{e}") for n in zoo.NAMES for e in zoo.EXPORTERS]
+
+
+def _check_sparsity_report(model: Model, record: dict) -> None:
+    """Every layer the report calls sparsified holds a 2:4 weight in the written model."""
+    claimed = {row["name"] for row in record["stats"].get("layers", []) if row["sparsified"]}
+    assert record["modified"] == bool(claimed)
+    if claimed:
+        assert record["sparsity"] > 0
+        status = {row["name"]: row["status"] for row in layer_compliance(model, "2:4")}
+        assert all(status[name] == "complies" for name in claimed), status
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,exporter", CASES)
+def test_zoo_every_pass_keeps_the_model_sound(zoo_export, name: str, exporter: str) -> None:
+    entry = zoo.spec(name)
+    model = Model.load(zoo_export(name, exporter))
+    feeds = entry.feeds(batch=4)
+    passes = [FoldConstantsPass(), EliminateDeadNodesPass(), FoldBatchNormPass(),
+              RecalibrateBatchNormPass(), SparsifyPass(rules="portable"),
+              Int8QuantizePass(method="max")]
+    ctx, records = run_pipeline(model, passes, feeds, entry.sizes)
+    assert [r["name"] for r in records] == [p.name for p in passes]
+    for record in records:
+        assert record["batch_coupling"], record["name"]  # the batch checks ran
+    sparse, int8 = records[4], records[5]
+    _check_sparsity_report(ctx.stages["sparsify-2of4"], sparse)
+    quantized = int8["stats"].get("quantized_layers", 0)
+    assert int8["modified"] == bool(quantized)
+    assert (int8["int8_coverage"] > 0) == bool(quantized)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,exporter", CASES)
+def test_zoo_dynamic_int8_keeps_the_model_sound(zoo_export, name: str, exporter: str) -> None:
+    entry = zoo.spec(name)
+    model = Model.load(zoo_export(name, exporter))
+    _, (record,) = run_pipeline(model, [Int8QuantizePass(mode="dynamic")],
+                                    entry.feeds(batch=4), entry.sizes)
+    assert record["batch_coupling"]
