@@ -10,6 +10,11 @@ at ratio 0.5 (the pass's defaults otherwise: L2 importance, kept counts rounded 
 - ``+hidden exact``: the same with ``norm_statistics: original`` (statistics over the
   original width, as in the zeroed original).
 
+and two INT8 variants (``quantize-int8`` with its defaults: static, calibrated on 4 random
+samples, ONNX Runtime's Q/DQ format): ``int8`` on the original and ``prune + int8`` after
+``prune``. Both run through the pass manager, so they are verified and batch-checked as in
+a build.
+
 Reported per variant: what was pruned (units before -> after, summed per kind), parameters
 and FLOPs per sample against the original, ONNX Runtime latency against the original (1
 thread, round-robin, best of 3 rounds of 20-run medians), and the *deviation* from the
@@ -21,7 +26,6 @@ the statistics move, not what accuracy a trained model keeps.
     python bench/zoo.py [NAME ...]      # writes bench/results/zoo.json and prints the table
     python bench/zoo.py --table         # the tables of the saved results
 
-Columns for INT8 (alone and after pruning) are left to the INT8 benchmark.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,6 +43,10 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 import models  # noqa: E402
 import zoo  # noqa: E402
+from conftest import run_pipeline  # noqa: E402
+
+if TYPE_CHECKING:
+    from optcc.ir import Model
 
 OUT = models.CACHE / "zoo"
 BATCH = 16
@@ -47,6 +56,7 @@ VARIANTS = {
     "+hidden kept": {"hidden_size": True, "norm_statistics": "kept"},
     "+hidden exact": {"hidden_size": True, "norm_statistics": "original"},
 }
+INT8 = {"int8": "original", "prune + int8": "prune"}  # variant -> the model it quantizes
 
 
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -72,6 +82,15 @@ def pruned_units(groups: list[dict]) -> str:
     return ", ".join(f"{k} {b}->{a}" for k, (b, a) in sorted(total.items())) or "nothing"
 
 
+def quantize(model: Model, feeds: dict, sizes: dict) -> tuple[Model, int]:
+    """``quantize-int8`` (defaults) through the pass manager; the quantized model and
+    the layers it reports quantized."""
+    from optcc_plugins.int8 import Int8QuantizePass
+
+    ctx, (record,) = run_pipeline(model, [Int8QuantizePass()], feeds, sizes)
+    return ctx.stages["quantize-int8"], record["stats"].get("quantized_layers", 0)
+
+
 def case(name: str, exporter: str) -> list[dict]:
     from optcc_plugins.pruning import StructuredPruningPass, zeroed_reference
 
@@ -86,23 +105,35 @@ def case(name: str, exporter: str) -> list[dict]:
     paths = {"original": original_path}
     rows = {"original": {"model": name, "exporter": exporter, "variant": "original",
                          "pruned": "", "params": base.params, "flops": base.flops,
-                         "params_ratio": 1.0, "flops_ratio": 1.0, "deviation": 0.0, "cosine": 1.0}}
-    for variant, options in VARIANTS.items():
-        pass_ = StructuredPruningPass(ratio=0.5, **options)
-        result = pass_(original.copy())
-        reference = zeroed_reference(original, pass_)
-        after = model_stats(result.model)
-        path = result.model.save(OUT / f"{name}-{exporter}-{variant.replace(' ', '_')}.onnx")
-        paths[variant] = path
-        out, ref = OrtRunner(result.model).run(feeds)[0], OrtRunner(reference).run(feeds)[0]
+                         "params_ratio": 1.0, "flops_ratio": 1.0, "bytes_ratio": 1.0,
+                         "deviation": 0.0, "cosine": 1.0}}
+    models_by_variant = {"original": original}
+    references = {"original": original}
+    sizes = {k: v for k, v in SIZES.items() if k in spec.sizes}
+
+    def record(variant: str, model: Model, reference: Model, pruned: str) -> None:
+        after = model_stats(model)
+        paths[variant] = model.save(OUT / f"{name}-{exporter}-{variant.replace(' ', '_')}.onnx")
+        models_by_variant[variant], references[variant] = model, reference
+        out, ref = OrtRunner(model).run(feeds)[0], OrtRunner(reference).run(feeds)[0]
         rows[variant] = {
-            "model": name, "exporter": exporter, "variant": variant,
-            "pruned": pruned_units(result.stats.get("groups", [])) if result.modified else "nothing",
+            "model": name, "exporter": exporter, "variant": variant, "pruned": pruned,
             "params": after.params, "flops": after.flops,
             "params_ratio": after.params / base.params,
             "flops_ratio": after.flops / base.flops if after.flops and base.flops else None,
+            "bytes_ratio": after.weight_bytes / base.weight_bytes,
             "deviation": relative_error(out, ref), "cosine": centred_cosine(out, ref),
         }
+
+    for variant, options in VARIANTS.items():
+        pass_ = StructuredPruningPass(ratio=0.5, **options)
+        result = pass_(original.copy())
+        record(variant, result.model, zeroed_reference(original, pass_),
+               pruned_units(result.stats.get("groups", [])) if result.modified else "nothing")
+    for variant, source in INT8.items():
+        quantized, layers = quantize(models_by_variant[source], feeds, sizes)
+        record(variant, quantized, references[source], f"{rows[source]['pruned'] or 'nothing'}; "
+               f"{layers} layers INT8")
     best: dict[str, float] = {}
     for _ in range(3):  # round-robin: every variant sees the same machine state
         for variant, path in paths.items():
@@ -115,15 +146,16 @@ def case(name: str, exporter: str) -> list[dict]:
 
 
 def table(rows: list[dict], exporter: str = "dynamo") -> str:
-    lines = ["| model | variant | pruned (units before -> after) | params | FLOPs | ms (1 thread) | speed-up "
-             "| deviation | cosine |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | variant | pruned (units before -> after) | params | FLOPs | weight bytes "
+             "| ms (1 thread) | speed-up | deviation | cosine |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["exporter"] != exporter:
             continue
         flops = f"{r['flops_ratio']:.2f}×" if r["flops_ratio"] is not None else "–"
+        cosine = f"{r['cosine']:.4f}" if r["cosine"] is not None else "–"
         lines.append(f"| {r['model']} | {r['variant']} | {r['pruned'] or '–'} | {r['params_ratio']:.2f}× | "
-                     f"{flops} | {r['ms_1_thread']:.2f} | {r['speedup']:.2f}× | {r['deviation']:.1e} | "
-                     f"{r['cosine']:.4f} |" if r["cosine"] is not None else "– |")
+                     f"{flops} | {r.get('bytes_ratio', 1.0):.2f}× | {r['ms_1_thread']:.2f} | "
+                     f"{r['speedup']:.2f}× | {r['deviation']:.1e} | {cosine} |")
     return "\n".join(lines)
 
 
@@ -144,8 +176,8 @@ def main() -> None:
             print(f"{name} ({exporter})", file=sys.stderr, flush=True)
             rows += case(name, exporter)
     order = {n: i for i, n in enumerate(zoo.NAMES)}
-    rows.sort(key=lambda r: (order[r["model"]], r["exporter"], list(VARIANTS).index(r["variant"])
-                             if r["variant"] in VARIANTS else -1))
+    variants = ["original", *VARIANTS, *INT8]
+    rows.sort(key=lambda r: (order[r["model"]], r["exporter"], variants.index(r["variant"])))
     models.save_results("zoo", rows)
     for exporter in zoo.EXPORTERS:
         print(f"\n{exporter} export\n")
