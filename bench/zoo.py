@@ -24,7 +24,7 @@ what normalizing over the kept channels changes). Random weights: the deviation 
 the statistics move, not what accuracy a trained model keeps.
 
     python bench/zoo.py [NAME ...]      # writes bench/results/zoo.json and prints the table
-    python bench/zoo.py --table         # the tables of the saved results
+    python bench/zoo.py --table         # the tables of the saved results (and the summary)
 
 """
 
@@ -159,12 +159,38 @@ def table(rows: list[dict], exporter: str = "dynamo") -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict], exporter: str = "dynamo") -> str:
+    """One line per architecture, as bench/README.md shows it."""
+    by = {(r["model"], r["variant"]): r for r in rows if r["exporter"] == exporter}
+    lines = ["| architecture | pruned (ratio 0.5) | params | FLOPs | speed-up | + hidden size | params "
+             "| speed-up `kept` | deviation `kept` | speed-up `original` | INT8: layers, weight bytes, "
+             "speed-up, deviation | prune + INT8: weight bytes, speed-up |", "|---" * 12 + "|"]
+    for name in zoo.NAMES:
+        if (name, "original") not in by:
+            continue
+        p, kept, exact = by[name, "prune"], by[name, "+hidden kept"], by[name, "+hidden exact"]
+        q, pq = by.get((name, "int8")), by.get((name, "prune + int8"))
+        hidden = [u for u in kept["pruned"].split(", ") if u.startswith("hidden")]
+        flops = f"{p['flops_ratio']:.2f}×" if p["flops_ratio"] is not None else "–"
+        int8 = (f"{q['pruned'].split('; ')[-1].split()[0]}, {q['bytes_ratio']:.2f}×, {q['speedup']:.2f}×, "
+                f"{q['deviation']:.3f}" if q else "")
+        both = f"{pq['bytes_ratio']:.2f}×, {pq['speedup']:.2f}×" if pq else ""
+        lines.append(
+            f"| {name} | {p['pruned'].replace('->', '→')} | {p['params_ratio']:.2f}× | {flops} | "
+            f"{p['speedup']:.2f}× | {', '.join(hidden).replace('->', '→') or '–'} | "
+            f"{kept['params_ratio']:.2f}× | {kept['speedup']:.2f}× | {kept['deviation']:.2f} | "
+            f"{exact['speedup']:.2f}× | {int8} | {both} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     if sys.argv[1:] == ["--table"]:  # print the tables of the saved results
         rows = json.loads((models.RESULTS / "zoo.json").read_text())
         for exporter in zoo.EXPORTERS:
             print(f"\n{exporter} export\n")
             print(table(rows, exporter))
+            print(f"\n{exporter} export, one line per architecture\n")
+            print(summary(rows, exporter))
         return
     names = sys.argv[1:] or list(zoo.NAMES)
     previous = models.RESULTS / "zoo.json"
