@@ -11,8 +11,8 @@ returns one tensor, and exported to ONNX through optcc's own torch frontend:
 
 Exports are cached: in ``OPTCC_ZOO_CACHE`` when that variable names a folder (a cache that
 survives between runs; entries are keyed by the zoo's source, torch and transformers
-versions, so a change re-exports), otherwise in one temporary folder per process (a test
-session). :func:`export` is safe to call from several tests; the first call exports.
+versions, so a change re-exports), otherwise in one temporary folder per process, removed
+when the process exits. :func:`export` is safe to call from several tests; the first call exports.
 
 Each :class:`ZooModel` says what its inputs are (:class:`ZooInput`: float data, token ids
 below the vocabulary size, or attention masks of ones) and which dimensions are dynamic
@@ -25,8 +25,10 @@ windowed attention (Swin), BatchNorm.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable
@@ -292,6 +294,7 @@ def _cache_root() -> Path:
         return Path(configured)
     if _SESSION_DIR is None:
         _SESSION_DIR = Path(tempfile.mkdtemp(prefix="optcc-zoo-"))
+        atexit.register(shutil.rmtree, _SESSION_DIR, True)  # a per-process cache goes with it
     return _SESSION_DIR
 
 
