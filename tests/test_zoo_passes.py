@@ -77,6 +77,7 @@ def test_zoo_int8_for_tensorrt_and_dynamic_int8(zoo_export, name: str, exporter:
                                   feeds, entry.sizes)
     assert record["batch_coupling"]
     profiles = [ShapeProfile(k, [1, *v.shape[1:]], list(v.shape), [8, *v.shape[1:]]) for k, v in feeds.items()]
+
     def problems(m: Model) -> set[tuple[str, str]]:
         return {(f.rule, f.node) for f in lint_tensorrt(m, profiles=profiles) if f.severity in ("error", "warning")}
 
