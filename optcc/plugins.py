@@ -35,6 +35,8 @@ CORE_PLUGINS = (
     "optcc.data.builtin",
     "optcc.backends.onnxruntime",
     "optcc.backends.tensorrt",
+    "optcc.backends.cuda",
+    "optcc.backends.trt_plugin",
 )
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")

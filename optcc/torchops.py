@@ -73,6 +73,7 @@ class RoundSTE(torch.autograd.Function if torch is not None else object):  # typ
 
 def fake_quantize(x: Any, scale: Any, zero_point: Any, qmin: int, qmax: int, axis: int | None) -> Any:
     """Quantize-dequantize with a straight-through estimator (gradient 1 inside the range)."""
+    scale, zero_point = scale.to(x.device), zero_point.to(x.device)
     if axis is not None and scale.ndim == 1:
         shape = [1] * x.ndim
         shape[axis] = -1
@@ -644,8 +645,9 @@ class OnnxOps:
         k = indices.shape[-1]
         lead = data.shape[:k]
         flat = indices.long().reshape(-1, k)
-        flat = torch.where(flat < 0, flat + torch.tensor(lead, dtype=torch.long), flat)
-        strides = torch.tensor([math.prod(lead[i + 1:]) for i in range(k)], dtype=torch.long)
+        flat = torch.where(flat < 0, flat + torch.tensor(lead, dtype=torch.long, device=flat.device), flat)
+        strides = torch.tensor([math.prod(lead[i + 1:]) for i in range(k)], dtype=torch.long,
+                               device=flat.device)
         rows = (flat * strides).sum(dim=1)
         table = data.reshape(math.prod(lead), *data.shape[k:])
         values = updates.reshape(-1, *data.shape[k:])
@@ -747,10 +749,10 @@ class OnnxOps:
         scale = float(attrs["scale"]) if "scale" in attrs else 1.0 / math.sqrt(q.shape[-1])
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale
         q_len, kv_len = scores.shape[-2:]
-        bias = torch.zeros((q_len, kv_len), dtype=scores.dtype)
+        bias = torch.zeros((q_len, kv_len), dtype=scores.dtype, device=scores.device)
         if int(attrs.get("is_causal", 0)):
             offset = past_key.shape[2] if past_key is not None else 0
-            allowed = torch.ones(q_len, kv_len, dtype=torch.bool).tril(offset)
+            allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(offset)
             bias = bias.masked_fill(~allowed, -math.inf)
         if mask is not None:
             if mask.shape[-1] < kv_len:  # a short mask: the rest is masked out

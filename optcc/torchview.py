@@ -29,6 +29,7 @@ fake quantization and no masks, and its module tree differs per op; optcc needs 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,36 @@ def _safe(name: str) -> str:
     and shared by torchrun ranks, so they must be the same in every process."""
     digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
     return "p_" + "".join(c if c.isalnum() else "_" for c in name) + f"_{digest}"
+
+
+# Ops whose integer inputs are data (indices, zero points), not shapes.
+_INTEGER_DATA_OPS = frozenset({"Gather", "GatherElements", "GatherND", "QuantizeLinear",
+                               "DequantizeLinear"})
+
+
+def _co_locate(op: str, inputs: list[Any]) -> list[Any]:
+    """Put a node's tensors on one device when the graph runs on a GPU.
+
+    Constants and tensors made on the host (shapes, masks built from them) meet GPU
+    activations: data (float and bool tensors, Gather indices, zero points) moves to the
+    device of the node's first GPU tensor; integer tensors that are shapes or axes stay on
+    the host, where reading them costs no synchronization. 0-d tensors mix freely.
+    """
+    device = next((t.device for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda), None)
+    if device is None:
+        return inputs
+    moved = []
+    for t in inputs:
+        if (isinstance(t, torch.Tensor) and not t.is_cuda and t.ndim > 0
+                and (t.is_floating_point() or t.dtype == torch.bool or op in _INTEGER_DATA_OPS)):
+            t = t.to(device, non_blocking=True)
+        moved.append(t)
+    return moved
+
+
+# A replacement implementation of a node: reads tensors from the environment (tensor name ->
+# value) and returns the tensors it computes, by name.
+NodeOverride = Callable[[Mapping[str, Any]], Mapping[str, Any]]
 
 
 class GraphModule(OnnxOps, _Base):
@@ -134,7 +165,23 @@ class GraphModule(OnnxOps, _Base):
                     key = self.param_of.get(t.name)
                     if key is not None:
                         self.params[key].requires_grad_(False)
+        self.node_overrides: dict[str, NodeOverride | None] = {}
         self._check_supported()
+
+    def set_node_overrides(self, overrides: Mapping[str, NodeOverride | None]) -> None:
+        """Run some nodes with other implementations (e.g. fused GPU kernels).
+
+        ``overrides`` maps a node name to a callable that receives the environment (every
+        tensor computed so far, by name) and returns the tensors it produces, by name; these
+        may include outputs of other nodes, which is how one kernel stands for a chain of
+        nodes. Mapping a node to None skips it (its work is done by an override elsewhere).
+        The caller guarantees that every tensor a later node reads is still produced.
+        """
+        names = {node.name for node in self.nodes}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ModelError(f"node overrides name nodes not in the graph: {', '.join(unknown[:5])}")
+        self.node_overrides = dict(overrides)
 
     def _check_supported(self) -> None:
         for node in self.nodes:
@@ -165,6 +212,11 @@ class GraphModule(OnnxOps, _Base):
     def run(self, env: dict[str, Any], wanted: list[str]) -> list[Any]:
         """Run the graph from ``env`` (tensor name -> torch tensor); return ``wanted``."""
         for node in self.nodes:
+            if node.name in self.node_overrides:
+                override = self.node_overrides[node.name]
+                if override is not None:
+                    env.update(override(env))
+                continue
             if node.op == "DequantizeLinear" and node.outputs[0].name in self.int8_weights:
                 weight, _, _, axis = self.int8_weights[node.outputs[0].name]
                 scale = self.value(env, node.inputs[1])
@@ -174,7 +226,7 @@ class GraphModule(OnnxOps, _Base):
                 env[node.outputs[0].name] = fake_quantize(
                     self.params[self.param_of[weight]], scale, zp.to(torch.float32), qmin + (dtype == np.int8), qmax, axis)
                 continue
-            inputs = [self.value(env, t) if t.name else None for t in node.inputs]
+            inputs = _co_locate(node.op, [self.value(env, t) if t.name else None for t in node.inputs])
             try:
                 outputs = getattr(self, f"op_{node.op}")(node, *inputs)
             except ModelError:

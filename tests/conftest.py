@@ -40,6 +40,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
+def library():
+    """liboptcc_kernels.so: prebuilt (OPTCC_KERNELS_LIBRARY), cached (after `python
+    kernels/build.py`), or built now with OPTCC_TEST_BUILD_KERNELS=1; the suite compiles no
+    CUDA otherwise. No toolchain or no build: skip. A build that was asked for and fails:
+    fail, so that a compile error never passes as a skip."""
+    from optcc.kernels import KernelsUnavailable, build_script, load
+
+    build = os.environ.get("OPTCC_TEST_BUILD_KERNELS") == "1"
+    if not os.environ.get("OPTCC_KERNELS_LIBRARY"):
+        try:
+            script = build_script()
+            script.toolchain()
+        except Exception as exc:  # noqa: BLE001  (the build script's BuildError)
+            pytest.skip(f"no toolchain to build the kernels: {exc}")
+        if not build and script.cached() is None:
+            pytest.skip("liboptcc_kernels.so is not built: run `python kernels/build.py` "
+                        "(minutes) or set OPTCC_TEST_BUILD_KERNELS=1")
+    try:
+        return load(build=build)
+    except KernelsUnavailable as exc:
+        pytest.fail(f"the kernel library did not build or load: {exc.reason}")
+
+
+@pytest.fixture(scope="session")
 def registry():
     return get_registry()
 
