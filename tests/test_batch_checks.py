@@ -204,8 +204,9 @@ def test_a_loaded_model_that_cannot_run_at_batch_1_skips_that_probe(tmp_path: Pa
 
 
 def test_dynamic_int8_couples_samples_by_design_and_passes(tmp_path: Path) -> None:
+    # A MatMul model: dynamic mode keeps convolutions float (ConvInteger is slow on ORT).
     manager, records = run_manager(
-        conv_bn_model(), [FoldBatchNormPass(), Int8QuantizePass(mode="dynamic")],
-        {"x": np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)}, tmp_path)
-    assert records[1]["modified"]
+        heads_model(), [EliminateDeadNodesPass(), Int8QuantizePass(mode="dynamic", speed_check=False)],
+        feeds(8), tmp_path)
+    assert records[1]["modified"], records[1]
     assert set(records[1]["batch_coupling"]) == {"batch size 1", "batch size 3"}

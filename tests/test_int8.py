@@ -114,7 +114,7 @@ def test_onnxruntime_format_keeps_accuracy_and_uses_unsigned_activations(folded_
     assert stats.int8_coverage > 0.99
     assert stats.weight_bytes < model_stats(folded_demo).weight_bytes / 3
     precision = q.meta.node("/stage2/conv1/Conv")["precision"]
-    assert precision["dtype"] == "int8" and "entropy" in precision["reason"]
+    assert precision["dtype"] == "int8" and precision["reason"].startswith("calibrated (")
     scales = read_calibration_cache(tmp_path / "calibration.cache")
     assert scales and all(s > 0 for s in scales.values())
 
@@ -144,15 +144,15 @@ def test_tensorrt_format_follows_the_rules(folded_demo: Model) -> None:
 
 
 def test_auto_format_follows_the_target(folded_demo: Model) -> None:
-    trt = Int8QuantizePass()(folded_demo.copy(), _ctx("tensorrt")).stats
-    ort = Int8QuantizePass()(folded_demo.copy(), _ctx("onnxruntime")).stats
+    trt = Int8QuantizePass(method="max")(folded_demo.copy(), _ctx("tensorrt")).stats
+    ort = Int8QuantizePass(method="max")(folded_demo.copy(), _ctx("onnxruntime")).stats
     assert trt["format"] == "tensorrt" and ort["format"] == "onnxruntime"
     # The small-layer rule is TensorRT's: on ONNX Runtime even the 1-channel stem is INT8.
     assert trt["quantized_layers"] == 7 and ort["quantized_layers"] == 9
 
 
 def test_residual_adds_stay_int8_on_onnxruntime(folded_demo: Model) -> None:
-    q = Int8QuantizePass()(folded_demo.copy(), _ctx()).model
+    q = Int8QuantizePass(method="max")(folded_demo.copy(), _ctx()).model
     adds = [n for n in q.graph.nodes if n.op == "Add"]
     assert adds and all(
         all(t.inputs and t.inputs[0].op == "DequantizeLinear" for t in n.inputs) for n in adds
@@ -161,7 +161,7 @@ def test_residual_adds_stay_int8_on_onnxruntime(folded_demo: Model) -> None:
 
 
 def test_exclude_patterns_keep_layers_in_float(folded_demo: Model) -> None:
-    result = Int8QuantizePass(exclude=["/stage2/*"])(folded_demo.copy(), _ctx())
+    result = Int8QuantizePass(exclude=["/stage2/*"], method="max")(folded_demo.copy(), _ctx())
     rows = {row["name"]: row for row in result.stats["layers"]}
     assert rows["/stage2/conv1/Conv"]["reason"] == "excluded by the recipe"
     assert rows["/stage1/stage1.0/conv1/Conv"]["precision"] == "int8"
@@ -176,14 +176,17 @@ def test_accuracy_budget_keeps_the_most_sensitive_layers_in_float(folded_demo: M
         c.evaluate = evaluation
         return c
 
-    free = Int8QuantizePass(sensitivity=True)(folded_demo.copy(), ctx())
+    free = Int8QuantizePass(sensitivity=True, method="max")(folded_demo.copy(), ctx())
     full_drop = 1.0 - evaluation(free.model)["agreement"]
     assert full_drop > 0
     sens = {row["name"]: row["sensitivity"] for row in free.stats["layers"] if row["sensitivity"] is not None}
     assert len(sens) == 9 and all(v > 0 for v in sens.values())  # every layer, stem and fc too
 
     budget = full_drop / 3
-    result = Int8QuantizePass(max_accuracy_drop=budget)(folded_demo.copy(), ctx())
+    # The budget alone is under test: with layers kept float the demo may time slower at
+    # batch 1, which the speed check (tested on its own) would act on.
+    result = Int8QuantizePass(max_accuracy_drop=budget, speed_check=False, method="max")(
+        folded_demo.copy(), ctx())
     assert result.modified
     kept = result.stats["kept_float"]
     assert 1 <= kept < 9
@@ -192,7 +195,8 @@ def test_accuracy_budget_keeps_the_most_sensitive_layers_in_float(folded_demo: M
     most_sensitive = sorted(sens, key=sens.get, reverse=True)[:kept]
     assert floated == set(most_sensitive)
 
-    impossible = Int8QuantizePass(max_accuracy_drop=0.0)(folded_demo.copy(), ctx())
+    impossible = Int8QuantizePass(max_accuracy_drop=0.0, speed_check=False, method="max")(
+        folded_demo.copy(), ctx())
     assert not impossible.modified
     assert impossible.reason.startswith("no INT8 configuration keeps the agreement drop within 0")
 
@@ -227,14 +231,16 @@ def test_entropy_is_not_dragged_down_by_relu_zeros() -> None:
         assert choose_threshold(s, "entropy", levels=levels) > 0.5 * t_pct
 
 
-def test_dynamic_mode_needs_no_calibration_and_quantizes_weights(folded_demo: Model, tmp_path) -> None:
-    result = Int8QuantizePass(mode="dynamic")(folded_demo.copy(), PassContext())
-    ops = {n.op for n in result.model.graph.nodes}
-    assert "ConvInteger" in ops or "DynamicQuantizeLinear" in ops
-    assert result.stats["quantized_layers"] == 9
-    x = DigitsSource(DigitsOptions(split="test", batch_size=397), inputs=IMAGE).first_batch()
-    ref = OrtRunner(folded_demo).run(x.inputs)[0]
-    assert (OrtRunner(result.model).run(x.inputs)[0].argmax(1) == ref.argmax(1)).mean() > 0.99
+def test_dynamic_mode_keeps_convolutions_float_and_needs_no_calibration(folded_demo: Model, tmp_path) -> None:
+    """ONNX Runtime's ConvInteger is several times slower than a float Conv: dynamic mode
+    leaves convolutions float and says why; it needs no calibration data."""
+    result = Int8QuantizePass(mode="dynamic", speed_check=False)(folded_demo.copy(), PassContext())
+    rows = {row["name"]: row for row in result.stats["layers"]}
+    convs = [r for r in rows.values() if r["op"] == "Conv"]
+    assert convs and all(r["precision"] == "float32" and "ConvInteger" in r["reason"] for r in convs)
+    assert not any(n.op == "ConvInteger" for n in result.model.graph.nodes)
+    assert rows["/fc/Gemm"]["precision"] == "int8" and rows["/fc/Gemm"]["scales"] == "dynamic"
+    assert result.stats["quantized_layers"] == 1
     # A CPU-only format: the TensorRT lint rejects it.
     assert any(f.rule == "unsupported-op" for f in lint_tensorrt(result.model))
     recipe = write_recipe(tmp_path, f"version: 1\nmodel: {DEMO_MODEL}\n"

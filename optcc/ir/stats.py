@@ -23,6 +23,15 @@ from optcc.ir.model import Model
 
 QUANTIZED_DTYPES = frozenset({"int8", "uint8", "int4", "uint4"})
 
+# Integer layers written by quantizers (ONNX Runtime's dynamic format, QOperator format):
+# op type -> (index of the constant weight input, the float op it computes).
+INTEGER_LAYERS = {
+    "MatMulInteger": (1, "MatMul"),
+    "ConvInteger": (1, "Conv"),
+    "QLinearMatMul": (3, "MatMul"),
+    "QLinearConv": (3, "Conv"),
+}
+
 
 @dataclass
 class LayerStats:
@@ -145,6 +154,12 @@ def _runtime_shapes(proto: onnx.ModelProto, names: list[str]) -> dict[str, list[
 def _layer_flops(node: gs.Node, weight: gs.Constant, shapes: dict[str, list[int]]) -> int | None:
     wshape = list(weight.shape)
     out = shapes.get(node.outputs[0].name)
+    if node.op in INTEGER_LAYERS:
+        if out is None:
+            return None
+        if INTEGER_LAYERS[node.op][1] == "Conv":
+            return 2 * int(np.prod(out)) * int(np.prod(wshape[1:]))
+        return 2 * int(np.prod(out)) * (wshape[-2] if len(wshape) >= 2 else wshape[0])
     if node.op == "Conv":
         if out is None:
             return None
@@ -186,7 +201,23 @@ def _bias_params(node: gs.Node) -> int:
     return 0
 
 
+def _integer_layers(model: Model) -> list[tuple[gs.Node, gs.Constant, str]]:
+    """Layers that already run as integer ops (MatMulInteger, ConvInteger, QLinear*), with
+    their constant integer weight: :meth:`Model.weighted_layers` sees only float op types."""
+    found = []
+    for node in model.graph.nodes:
+        index = INTEGER_LAYERS.get(node.op, (None, None))[0]
+        if index is None or len(node.inputs) <= index:
+            continue
+        weight = node.inputs[index]
+        if isinstance(weight, gs.Constant):
+            found.append((node, weight, np.dtype(weight.dtype).name))
+    return found
+
+
 def _activation_quantized(node: gs.Node) -> bool:
+    if node.op in INTEGER_LAYERS:
+        return True  # an integer op reads integer activations by definition
     data = node.inputs[1 - constant_input_index(node)] if node.op == "MatMul" else node.inputs[0]
     return bool(data.inputs) and data.inputs[0].op == "DequantizeLinear"
 
@@ -201,7 +232,7 @@ def model_stats(model: Model, input_shapes: dict[str, list[int]] | None = None) 
     """Compute :class:`ModelStats` for ``model`` (does not modify it)."""
     shapes, batch = static_shapes(model, input_shapes)
     layers: list[LayerStats] = []
-    for node, weight, precision in model.weighted_layers():
+    for node, weight, precision in [*model.weighted_layers(), *_integer_layers(model)]:
         values = np.asarray(weight.values)
         params = int(values.size) + _bias_params(node)
         zeros = int(values.size - np.count_nonzero(values))

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from optcc import Model, constant_weight
+from optcc import Model
 
 from .calibrate import Calibration
 
@@ -46,25 +46,31 @@ class Layer:
     activation: str
     axis: int
     skip_reason: str | None = None
-
-
-def _matmul_weight_second(node: gs.Node) -> bool:
-    return constant_weight(node) is not None and isinstance(node.inputs[1], gs.Constant)
+    mode: str = "static"  # static (calibrated scales) or dynamic (per-batch scales, ORT)
 
 
 def candidate_layers(
-    model: Model, op_types: list[str], exclude: list[str], min_channels: int
+    model: Model, op_types: list[str], exclude: list[str], min_channels: int,
+    unfolded: dict[str, str] | None = None,
 ) -> list[Layer]:
-    """Every weighted layer of the chosen op types, with a reason when it is skipped."""
+    """Every weighted layer of the chosen op types, with a reason when it is skipped
+    (``unfolded``: layers whose constant weight subgraph could not be evaluated)."""
     layers = []
     for node in model.graph.nodes:
         if node.op not in op_types:
+            continue
+        if unfolded and node.name in unfolded:
+            layers.append(Layer(node.name, node.op, node.inputs[1].name, node.inputs[0].name, 0,
+                                unfolded[node.name]))
             continue
         weight = node.inputs[1] if len(node.inputs) > 1 else None
         if not isinstance(weight, gs.Constant):
             if node.op == "MatMul" and isinstance(node.inputs[0], gs.Constant):
                 layers.append(Layer(node.name, node.op, node.inputs[0].name, node.inputs[1].name,
                                     0, "weight is the first MatMul operand"))
+            elif weight is not None and node.op != "MatMul" and weight.name:
+                layers.append(Layer(node.name, node.op, weight.name, node.inputs[0].name, 0,
+                                    "weight is computed at run time, not a constant"))
             continue  # activation x activation MatMul (attention): not a weighted layer
         w = np.asarray(weight.values)
         if node.op == "Conv":
@@ -273,35 +279,140 @@ def quantize_onnxruntime(
     quantizer.quantize_model()
     quantizer.model.topological_sort()
     quantized = Model.from_proto(quantizer.model.model, source=model.source)
+    _float_readers_read_float(quantized, selected | followers)
     quantized.meta = model.meta.copy()
     quantized.extra_metadata = dict(model.extra_metadata)
     return quantized
 
 
-def quantize_dynamic(model: Model, proto: onnx.ModelProto, layers: list[Layer]) -> Model:
+def _float_readers_read_float(model: Model, quantized_nodes: set[str]) -> None:
+    """Nodes that stay float read the original tensor, not its INT8 round trip.
+
+    ONNX Runtime's QDQ quantizer makes every reader of a quantized tensor read the
+    DequantizeLinear output: in a post-norm transformer that puts the rounding error of the
+    LayerNorm output into the residual stream, and costs one more DequantizeLinear per layer.
+    """
+    changed = False
+    for node in list(model.graph.nodes):
+        if node.op != "DequantizeLinear" or isinstance(node.inputs[0], gs.Constant):
+            continue
+        q = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+        if q is None or q.op != "QuantizeLinear":
+            continue
+        original = q.inputs[0]
+        for reader in list(node.outputs[0].outputs):
+            if reader.name in quantized_nodes or reader.op in ("QuantizeLinear",
+                                                              "DequantizeLinear"):
+                continue
+            for i, t in enumerate(reader.inputs):
+                if t is node.outputs[0]:
+                    reader.inputs[i] = original
+                    changed = True
+    if changed:
+        model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+
+def gemm_to_matmul(model: Model, names: set[str]) -> None:
+    """Rewrite the named Gemm nodes (``transA = 0``) as ``MatMul`` (+ ``Add``), in place.
+
+    ONNX Runtime's dynamic quantizer does this rewrite itself and then quantizes only the op
+    types it was asked for, so Gemm layers silently stayed float. Doing it first keeps the
+    layer's name on the MatMul, so what was quantized can be read back from the model.
+    """
+    from .graph import namer
+
+    graph = model.graph
+    fresh = namer(graph)
+    for node in list(graph.nodes):
+        if node.op != "Gemm" or node.name not in names or int(node.attrs.get("transA", 0)):
+            continue
+        w = np.asarray(node.inputs[1].values, dtype=np.float32)
+        if int(node.attrs.get("transB", 0)):
+            w = w.T
+        w = w * float(node.attrs.get("alpha", 1.0))
+        out = node.outputs[0]
+        weight = gs.Constant(fresh(f"{node.inputs[1].name}_matmul"), np.ascontiguousarray(w))
+        product = gs.Variable(fresh(f"{node.name}_product"), dtype=np.float32) \
+            if len(node.inputs) > 2 else out
+        node.outputs = []
+        graph.nodes.append(gs.Node("MatMul", node.name, inputs=[node.inputs[0], weight],
+                                   outputs=[product]))
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            bias = node.inputs[2]
+            beta = float(node.attrs.get("beta", 1.0))
+            if beta != 1.0 and isinstance(bias, gs.Constant):
+                bias = gs.Constant(fresh(f"{bias.name}_beta"), np.asarray(bias.values) * beta)
+            graph.nodes.append(gs.Node("Add", f"{node.name}_bias", inputs=[product, bias],
+                                       outputs=[out]))
+        node.inputs = []
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+
+def quantize_dynamic(model: Model, layers: list[Layer]) -> Model:
     """ONNX Runtime dynamic quantization of ``layers``: INT8 weights (per channel), activation
-    ranges computed per batch at run time (DynamicQuantizeLinear → MatMulInteger / ConvInteger).
-    A CPU-only format: TensorRT does not run it (``optcc lint`` says so)."""
+    ranges computed per batch at run time (DynamicQuantizeLinear → MatMulInteger / ConvInteger,
+    which ONNX Runtime fuses into one DynamicQuantizeMatMul kernel). Gemm layers are turned
+    into MatMul first (:func:`gemm_to_matmul`). A CPU-only format: TensorRT does not run it
+    (``optcc lint`` says so)."""
     import tempfile
 
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
+    from .graph import typed_proto
+
+    work = model.copy()
+    gemms = {layer.name for layer in layers if layer.op == "Gemm"}
+    if gemms:
+        gemm_to_matmul(work, gemms)
     selected = {layer.name for layer in layers}
+    proto = typed_proto(work)
+    op_types = sorted({"Conv" if layer.op == "Conv" else "MatMul" for layer in layers})
     exclude = [n.name for n in proto.graph.node
                if n.op_type in ("Conv", "Gemm", "MatMul") and n.name not in selected]
+    exclude += [f"{n.name}_MatMul" for n in proto.graph.node if n.op_type == "Gemm"]  # its rename
     with tempfile.TemporaryDirectory(prefix="optcc-dynamic-") as tmp:
         out = Path(tmp) / "dynamic.onnx"
         ort_quantize_dynamic(
-            proto, str(out), op_types_to_quantize=sorted({layer.op for layer in layers}),
+            proto, str(out), op_types_to_quantize=op_types,
             per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-            extra_options={"MatMulConstBOnly": True},
+            extra_options={"MatMulConstBOnly": True,
+                           "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
         quantized = Model.load(out)
     quantized.meta = model.meta.copy()
     quantized.extra_metadata = dict(model.extra_metadata)
     quantized.source = model.source
     return quantized
+
+
+def actual_precision(model: Model, layers: list[Layer]) -> dict[str, str]:
+    """What each layer *is* in ``model``, read from the graph (never from intentions):
+    ``int8-static`` (Q/DQ on input and weight), ``int8-dynamic`` (an integer op fed by
+    DynamicQuantizeLinear), ``int8`` (another integer op), or ``float32``."""
+    by_name = {n.name: n for n in model.graph.nodes}
+    result: dict[str, str] = {}
+    for layer in layers:
+        node = by_name.get(layer.name)
+        integer = by_name.get(f"{layer.name}_quant")
+        if integer is not None and integer.op in ("MatMulInteger", "ConvInteger"):
+            feeder = integer.inputs[0].inputs[0] if integer.inputs[0].inputs else None
+            dynamic = feeder is not None and feeder.op == "DynamicQuantizeLinear"
+            result[layer.name] = "int8-dynamic" if dynamic else "int8"
+        elif node is not None and node.op in ("QLinearConv", "QLinearMatMul", "MatMulInteger",
+                                              "ConvInteger"):
+            result[layer.name] = "int8"
+        elif node is not None and len(node.inputs) > 1 and all(
+            _fed_by_dq(t) for t in node.inputs[:2]
+        ):
+            result[layer.name] = "int8-static"
+        else:
+            result[layer.name] = "float32"
+    return result
+
+
+def _fed_by_dq(tensor: gs.Tensor) -> bool:
+    return bool(tensor.inputs) and tensor.inputs[0].op == "DequantizeLinear"
 
 
 def write_calibration_cache(path: Path, calib: Calibration, tensors: list[str]) -> None:
