@@ -5,6 +5,8 @@ pipeline; static INT8 in TensorRT's format (linted) and dynamic INT8 on their ow
 verified (checker, shape inference, output tolerance, no new NaN) and batch-checked (batch
 1, an odd size, samples independent). Pruning and distillation have their own zoo tests
 (test_pruning_zoo.py, test_zoo_distill.py). The reports must describe the written model.
+INT8 runs without its speed check, so that every model is really quantized (the check
+keeps float what a timing on this machine finds slower; test_int8*.py cover it).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def test_zoo_every_pass_keeps_the_model_sound(zoo_export, name: str, exporter: s
     feeds = entry.feeds(batch=4)
     passes = [FoldConstantsPass(), EliminateDeadNodesPass(), FoldBatchNormPass(),
               RecalibrateBatchNormPass(), SparsifyPass(rules="portable"),
-              Int8QuantizePass(method="max")]
+              Int8QuantizePass(method="max", speed_check=False)]
     ctx, records = run_pipeline(model, passes, feeds, entry.sizes)
     assert [r["name"] for r in records] == [p.name for p in passes]
     for record in records:
@@ -82,5 +84,5 @@ def test_zoo_int8_for_tensorrt_and_dynamic_int8(zoo_export, name: str, exporter:
         return {(f.rule, f.node) for f in lint_tensorrt(m, profiles=profiles) if f.severity in ("error", "warning")}
 
     assert problems(ctx.stages["quantize-int8"]) <= problems(model)
-    _, (record,) = run_pipeline(model, [Int8QuantizePass(mode="dynamic")], feeds, entry.sizes)
+    _, (record,) = run_pipeline(model, [Int8QuantizePass(mode="dynamic", speed_check=False)], feeds, entry.sizes)
     assert record["batch_coupling"]
