@@ -111,12 +111,15 @@ def export_torch(
                     )
                     # optimize=False: torch's own optimizer folds BatchNorm into the Conv;
                     # _optimize_keeping_batchnorm runs the same clean-up without that rule.
-                    program = torch.onnx.export(
-                        module, tuple(examples), dynamo=True, opset_version=opset or 18,
-                        input_names=input_names, output_names=output_names,
-                        dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
-                        optimize=False,
+                    options = dict(
+                        dynamo=True, opset_version=opset or 18, input_names=input_names,
+                        output_names=output_names, dynamic_shapes=dynamic_shapes,
+                        external_data=False, verbose=False, optimize=False,
                     )
+                    try:
+                        program = torch.onnx.export(module, tuple(examples), **options)
+                    except Exception as first:
+                        program = _export_predecomposed(module, tuple(examples), options, first)
                     _optimize_keeping_batchnorm(program.model)
                     program.save(str(path))
                 else:
@@ -179,6 +182,27 @@ def _optimize_keeping_batchnorm(model: Any) -> None:
         common.RemoveUnusedNodesPass(),
     ):
         cleanup(model)
+
+
+def _export_predecomposed(module: Any, examples: tuple[Any, ...], options: dict[str, Any],
+                          first: Exception) -> Any:
+    """Retry a failed dynamo export from a program torch.export has already decomposed.
+
+    torch's ONNX decomposition can turn a reshape of a transposed tensor into an invalid
+    ``view`` ("Cannot view a tensor with shape ..."; T5 and Swin attention in recent
+    transformers); decomposing with torch.export's own table first avoids it. When the
+    retry fails too, the first error is the one reported.
+    """
+    import torch
+
+    try:
+        program = torch.export.export(
+            module, examples, dynamic_shapes=options["dynamic_shapes"], strict=False
+        ).run_decompositions()
+        return torch.onnx.export(program, examples, **options)
+    except Exception:  # the first error is the one to report
+        pass
+    raise first
 
 
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")

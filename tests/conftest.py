@@ -6,13 +6,19 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from optcc.plugins import get_registry
+from optcc.data.builtin import RandomOptions, RandomSource
+from optcc.ir import Model
+from optcc.passes import Capability, Pass, PassContext
+from optcc.passes.manager import PassManager, ScheduledPass
+from optcc.plugins import create_registry, get_registry
+from optcc.runtime import OrtRunner
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO / "optcc" / "demo" / "digits_cnn.onnx"
@@ -143,6 +149,20 @@ def demo_copy(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def zoo_export(tmp_path_factory: pytest.TempPathFactory):
+    """``zoo_export(name, exporter) -> Path``: a zoo model (tests/zoo.py) exported once per
+    test session (or kept across sessions in ``OPTCC_ZOO_CACHE``)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import os
+
+    import zoo
+
+    folder = Path(os.environ.get("OPTCC_ZOO_CACHE") or tmp_path_factory.mktemp("zoo"))
+    return lambda name, exporter: zoo.export(name, exporter, folder)
+
+
 def int8_demo_recipe(target: str) -> str:
     """The demo, BatchNorm folded and quantized to INT8 (quick max calibration), for
     ``target`` (a YAML flow mapping such as ``{backend: tensorrt}``); no evaluation."""
@@ -194,3 +214,24 @@ def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = folder / name
     path.write_text(text)
     return path
+
+
+def run_pipeline(model: Model, passes: list[Pass], feeds: dict[str, np.ndarray],
+                 sizes: dict[str, int]) -> tuple[PassContext, list[dict[str, Any]]]:
+    """Run ``passes`` on ``model`` through optcc's pass manager, as a build does: every pass
+    verified on ``feeds`` and batch-checked (batch 1, an odd size, independent samples).
+    Training and calibration data: 4 random samples (ids in range, masks of ones) with the
+    dynamic dimensions in ``sizes``. Returns the context (``stages`` holds the model after
+    each pass) and the per-pass report records."""
+    data = RandomSource(RandomOptions(samples=4, batch_size=4, dims=sizes),
+                        inputs=OrtRunner(model).input_specs, role="training")
+    ctx = PassContext(
+        data={"training": data, "calibration": data}, original=model, seed=0,
+        capabilities=frozenset({Capability.TRAINING_DATA, Capability.CALIBRATION_DATA, Capability.TORCH}),
+    )
+    manager = PassManager(
+        [ScheduledPass(p, i + 1, fragment=p.name) for i, p in enumerate(passes)],
+        hook=create_registry(entry_points=[], core=False).hook, verification_feeds=feeds,
+    )
+    _, records = manager.run(model, ctx)
+    return ctx, records

@@ -163,13 +163,17 @@ def test_shape_slot_walks_concat_pieces_of_any_length() -> None:
                gs.Node("Reshape", "r", inputs=[x, shape], outputs=[out])],
         inputs=[x, dims], outputs=[out], opset=17)
     reshape = graph.nodes[1]
-    assert channels.shape_slot(reshape, 1) == "implicit"
+    assert channels.shape_slot(reshape, 1) == "copy"
     assert channels.shape_slot(reshape, 2) is None  # computed at run time
-    assert channels.shape_slot(reshape, 3) == (tail, 0)
+    assert channels.shape_slot(reshape, 3) == (2, 0)  # input 2 of the Concat, element 0
+    other = gs.Node("Reshape", "r2", inputs=[x, shape], outputs=[gs.Variable("y2", np.float32)])
+    graph.nodes.append(other)
+    graph.outputs.append(other.outputs[0])
     model = Model(graph)
-    channels.set_shape_dim(model, reshape, (tail, 0), 2)
-    assert list(channels.constant_value(graph.nodes[0].inputs[2])) == [2]
-    assert list(tail.values) == [4]  # shared constants are copied, never edited
+    channels.set_shape_dim(model, reshape, (2, 0), 2)
+    assert list(channels.constant_value(reshape.inputs[1].inputs[0].inputs[2])) == [2]
+    assert list(tail.values) == [4]  # shared constants are copied, never edited...
+    assert other.inputs[1] is shape and shape.inputs[0].inputs[2] is tail  # ...nor shared Concats
 
 
 def test_replace_all_uses() -> None:

@@ -16,38 +16,22 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+import zoo  # noqa: E402
+from conftest import run_pipeline  # noqa: E402
 from optcc_plugins.distillation import DistillPass  # noqa: E402
 from optcc_plugins.pruning import StructuredPruningPass  # noqa: E402
 
-from optcc.data.builtin import RandomOptions, RandomSource  # noqa: E402
 from optcc.ir import Model  # noqa: E402
-from optcc.passes import Capability, PassContext  # noqa: E402
-from optcc.passes.manager import PassManager, ScheduledPass  # noqa: E402
-from optcc.plugins import create_registry  # noqa: E402
+from optcc.passes import PassContext  # noqa: E402
 from optcc.runtime import OrtRunner  # noqa: E402
 from optcc.torchview import GraphModule  # noqa: E402
-
-try:  # tests/zoo.py comes with the pruning stream's work
-    import zoo
-except ImportError:  # pragma: no cover
-    zoo = None
 
 
 def prune_and_distill(model: Model, feeds: dict[str, np.ndarray], dims: dict[str, int]) -> PassContext:
     """prune-channels (ratio 0.5) then one epoch of distill on 4 random samples; returns
     the context, whose ``stages`` hold the model after each pass."""
-    specs = OrtRunner(model).input_specs
-    training = RandomSource(RandomOptions(samples=4, batch_size=4, dims=dims), inputs=specs, role="training")
-    ctx = PassContext(
-        data={"training": training, "calibration": training}, original=model, seed=0,
-        capabilities=frozenset({Capability.TRAINING_DATA, Capability.CALIBRATION_DATA, Capability.TORCH}),
-    )
     passes = [StructuredPruningPass(ratio=0.5), DistillPass(epochs=1, learning_rate=1e-3)]
-    manager = PassManager(
-        [ScheduledPass(p, i + 1, fragment=p.name) for i, p in enumerate(passes)],
-        hook=create_registry(entry_points=[], core=False).hook, verification_feeds=feeds,
-    )
-    _, records = manager.run(model, ctx)
+    ctx, records = run_pipeline(model, passes, feeds, dims)
     assert records[1]["modified"] and np.isfinite(records[1]["stats"]["loss_per_epoch"]).all()
     return ctx
 
@@ -77,12 +61,13 @@ def assert_trained_weights_written_back(ctx: PassContext, feeds: dict[str, np.nd
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(zoo is None, reason="tests/zoo.py is not here yet")
-@pytest.mark.parametrize("exporter", ("legacy", "dynamo"))
-@pytest.mark.parametrize("name", zoo.NAMES if zoo else ("none",))
-def test_zoo_model_prunes_distills_and_keeps_its_trained_weights(name: str, exporter: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("exporter", zoo.EXPORTERS)
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_zoo_model_prunes_distills_and_keeps_its_trained_weights(
+    zoo_export, name: str, exporter: str, tmp_path: Path
+) -> None:
     entry = zoo.spec(name)
-    model = Model.load(zoo.export(name, exporter))
+    model = Model.load(zoo_export(name, exporter))
     feeds = entry.feeds(batch=4)
     ctx = prune_and_distill(model, feeds, entry.sizes)
     assert_trained_weights_written_back(ctx, feeds, tmp_path)

@@ -11,7 +11,7 @@ package finds those couplings on any ONNX graph, for any exporter:
 - :mod:`optcc.channels.rules` — :class:`ChannelRule` and :class:`RuleRegistry`: op type
   → rule, with explicit precedence; plugins add rules through the
   ``optcc_channel_rules`` hook;
-- :mod:`optcc.channels.builtin` — the built-in rules (weighted layers, elementwise ops,
+- :mod:`optcc.channels.builtin` — the built-in rules, one module per op family (weighted layers, elementwise ops,
   normalization, Concat/Split/Flatten, attention reshapes, ...);
 - :mod:`optcc.channels.analysis` — the result: classes of coupled channel ids, groups,
   slices, size fixups and blocked channels with reasons;
@@ -37,7 +37,14 @@ from optcc.channels.analysis import (
     ParamSlice,
     SizeFixup,
 )
-from optcc.channels.graph import AxisIds, ChannelContext, analyze, normalize_axis, probe_shapes
+from optcc.channels.graph import (
+    AxisIds,
+    ChannelContext,
+    ChannelOptions,
+    analyze,
+    normalize_axis,
+    probe_shapes,
+)
 from optcc.channels.index import (
     clear_intermediate_shapes,
     concat_part_at,
@@ -47,6 +54,7 @@ from optcc.channels.index import (
     set_shape_dim,
     shape_slot,
     slice_channels,
+    slot_value,
     unshare_conflicting_constants,
     zero_channels,
 )
@@ -63,6 +71,7 @@ __all__ = [
     "ChannelAnalysis",
     "ChannelContext",
     "ChannelGroup",
+    "ChannelOptions",
     "ChannelRule",
     "ParamSlice",
     "RegisteredRule",
@@ -80,6 +89,7 @@ __all__ = [
     "probe_shapes",
     "set_shape_dim",
     "shape_slot",
+    "slot_value",
     "slice_channels",
     "unshare_conflicting_constants",
     "zero_channels",

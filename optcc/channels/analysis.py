@@ -76,8 +76,9 @@ class SizeFixup:
 class ChannelGroup:
     """Classes that share the same source layers: one channel space, ranked together.
 
-    ``unit`` is how many output channels of a source layer one class stands for (1 for a
-    channel, the head size for an attention head).
+    ``unit`` is how many output channels of a source layer one class stands for, at most
+    over the sources (1 for a channel, the head size for an attention head, several head
+    sizes for a fused QKV projection or a GQA group).
     """
 
     sources: tuple[str, ...]
@@ -157,9 +158,10 @@ class ChannelAnalysis:
             by_sources[sources].append(root)
         groups = []
         for sources, roots in by_sources.items():
-            first = sources[0]
-            unit = max(1, sum(1 for i in members[roots[0]] if self.source_of[i] == first))
-            groups.append(ChannelGroup(sources, sorted(roots), unit))
+            per_source: dict[str, int] = defaultdict(int)
+            for i in members[roots[0]]:
+                per_source[self.source_of[i]] += 1
+            groups.append(ChannelGroup(sources, sorted(roots), max(per_source.values())))
         return sorted(groups, key=lambda g: g.sources)
 
     def describe_blocked(self) -> dict[str, str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
@@ -33,17 +34,37 @@ def normalize_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
+@dataclass(frozen=True)
+class ChannelOptions:
+    """What the analysis may treat as editable beyond plain channels.
+
+    ``normalized``: channels that a LayerNorm, RMSNorm or GroupNorm normalizes over (the
+    residual width of a transformer, a ConvNeXt stage) may be removed; otherwise they are
+    blocked. ``norm_statistics`` says what a normalization over pruned channels computes:
+    ``"kept"`` normalizes over the kept channels (fused LayerNormalization stays as it
+    is; the statistics change), ``"original"`` keeps the statistics the zeroed original
+    has (means over the original width: a fused LayerNormalization is rewritten into
+    elementary ops).
+    """
+
+    normalized: bool = False
+    norm_statistics: str = "kept"
+
+
 class ChannelContext:
     """What a rule reads and records while the graph is walked.
 
     ``model`` is the model being analysed (rules must not modify it), ``shapes`` concrete
-    shapes per tensor name (see :func:`probe_shapes`), ``analysis`` the result being built.
+    shapes per tensor name (see :func:`probe_shapes`), ``analysis`` the result being built,
+    ``options`` the :class:`ChannelOptions` of this analysis.
     """
 
-    def __init__(self, model: Model, shapes: Mapping[str, list[int]], analysis: ChannelAnalysis) -> None:
+    def __init__(self, model: Model, shapes: Mapping[str, list[int]], analysis: ChannelAnalysis,
+                 options: ChannelOptions | None = None) -> None:
         self.model = model
         self.shapes = shapes
         self.analysis = analysis
+        self.options = options or ChannelOptions()
 
     # ------------------------------------------------------------------ reading
     constant_value = staticmethod(constant_value)
@@ -125,18 +146,20 @@ def analyze(
     shapes: Mapping[str, list[int]] | None = None,
     *,
     rules: RuleRegistry | None = None,
+    options: ChannelOptions | None = None,
 ) -> ChannelAnalysis:
     """Walk ``model`` (not modified) and return its :class:`ChannelAnalysis`.
 
     ``shapes`` defaults to :func:`probe_shapes`; ``rules`` to :func:`default_rules` (the
-    built-in rules plus every plugin's). The graph is sorted topologically first.
+    built-in rules plus every plugin's); ``options`` to :class:`ChannelOptions` (plain
+    channels only). The graph is sorted topologically first.
     """
     if shapes is None:
         shapes = probe_shapes(model)
     if rules is None:
         rules = default_rules()
     analysis = ChannelAnalysis()
-    ctx = ChannelContext(model, shapes, analysis)
+    ctx = ChannelContext(model, shapes, analysis, options)
     model.graph.toposort()
     for node in model.graph.nodes:
         rule = rules.rule_for(node, ctx)

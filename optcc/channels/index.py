@@ -28,10 +28,12 @@ import onnx_graphsurgeon as gs
 from optcc.channels.analysis import ChannelAnalysis
 from optcc.ir.model import Model
 
-#: Where a Reshape target dimension lives: ``(holder, index)`` with ``holder`` a constant
-#: tensor or a ``Constant`` node, the string ``"implicit"`` (0 or -1: the dimension follows
-#: the input by itself), or None when it is computed at run time.
-ShapeSlot = tuple[Any, int] | str | None
+#: Where one dimension of a Reshape or Expand target shape lives: ``(part, index)`` for a
+#: literal — element ``index`` of the constant that is the target itself (``part == -1``)
+#: or input ``part`` of the ``Concat`` that assembles it; ``"infer"`` (-1: Reshape infers
+#: it); ``"copy"`` (0: Reshape copies the input's dimension at the same index); or None
+#: when it is computed at run time.
+ShapeSlot = tuple[int, int] | str | None
 
 
 def constant_value(t: gs.Tensor) -> np.ndarray | None:
@@ -70,57 +72,77 @@ def concat_part_at(
     return None
 
 
-def _slot_in(holder: Any, value: np.ndarray, index: int) -> ShapeSlot:
+def _slot_in(value: np.ndarray, part: int, index: int) -> ShapeSlot:
     dim = int(value.ravel()[index])
-    return "implicit" if dim in (0, -1) else (holder, index)
+    return "infer" if dim == -1 else "copy" if dim == 0 else (part, index)
 
 
 def shape_slot(
     node: gs.Node, axis: int, shapes: Mapping[str, list[int]] | None = None
 ) -> ShapeSlot:
-    """Where a Reshape's target size for ``axis`` lives (see :data:`ShapeSlot`)."""
+    """Where the target size for ``axis`` of a Reshape or Expand (its second input) lives
+    (see :data:`ShapeSlot`)."""
     shape = node.inputs[1]
-    if isinstance(shape, gs.Constant):
-        return _slot_in(shape, np.asarray(shape.values), axis)
+    value = constant_value(shape)
+    if value is not None:
+        return _slot_in(value, -1, axis)
     producer = shape.inputs[0] if shape.inputs else None
-    if producer is None:
+    if producer is None or producer.op != "Concat":
         return None
-    if producer.op == "Constant" and "value" in producer.attrs:
-        return _slot_in(producer, np.asarray(producer.attrs["value"].values), axis)
-    if producer.op == "Concat":
-        found = concat_part_at(producer, axis, shapes)
-        if found is None:
-            return None
-        part, index = found
-        if isinstance(part, gs.Constant):
-            return _slot_in(part, np.asarray(part.values), index)
-        if part.inputs and part.inputs[0].op == "Constant" and "value" in part.inputs[0].attrs:
-            holder = part.inputs[0]
-            return _slot_in(holder, np.asarray(holder.attrs["value"].values), index)
-    return None
+    found = concat_part_at(producer, axis, shapes)
+    if found is None:
+        return None
+    part, index = found
+    value = constant_value(part)
+    if value is None:
+        return None
+    return _slot_in(value, producer.inputs.index(part), index)
+
+
+def _slot_holder(model: Model, node: gs.Node, slot: tuple[int, int], own: bool) -> tuple[gs.Node, int]:
+    """The node and input position holding a literal slot of ``node``'s target shape. With
+    ``own``, a Concat that other nodes read too is first copied for ``node`` alone."""
+    part, _ = slot
+    if part < 0:
+        return node, 1
+    target = node.inputs[1]
+    concat = target.inputs[0]
+    if own and len(target.outputs) > 1:
+        private = gs.Variable(f"{target.name}_{node.name}", dtype=target.dtype, shape=target.shape)
+        concat = gs.Node("Concat", f"{concat.name}_{node.name}", dict(concat.attrs),
+                         list(concat.inputs), [private])
+        model.graph.nodes.append(concat)
+        node.inputs[1] = private
+    return concat, part
+
+
+def slot_value(node: gs.Node, slot: tuple[int, int]) -> int:
+    """The number a literal :data:`ShapeSlot` of ``node`` holds."""
+    part, index = slot
+    holder = node.inputs[1] if part < 0 else node.inputs[1].inputs[0].inputs[part]
+    value = constant_value(holder)
+    assert value is not None
+    return int(value.ravel()[index])
 
 
 def set_shape_dim(model: Model, node: gs.Node, slot: ShapeSlot, size: int) -> None:
-    """Write ``size`` into the Reshape target slot ``slot`` of ``node``.
+    """Write ``size`` into the target-shape slot ``slot`` of ``node`` (a Reshape or Expand).
 
-    A ``Constant`` node is edited in place; a constant tensor is replaced, for this Reshape
-    only, by an edited copy (exporters share shape constants between Reshapes).
+    The constant holding it is replaced, for this node only, by an edited copy (exporters
+    share shape constants, and whole shape Concats, between nodes that are pruned
+    differently; the same constant can even appear twice in one Concat). Slots that follow
+    the input by themselves (``"infer"``, ``"copy"``) need nothing.
     """
     if slot is None:
-        raise ValueError(f"Reshape '{node.name}': the target shape is computed at run time")
-    if slot == "implicit":
+        raise ValueError(f"{node.op} '{node.name}': the target shape is computed at run time")
+    if isinstance(slot, str):
         return
-    holder, index = slot  # type: ignore[misc]
-    if isinstance(holder, gs.Node):  # a Constant node: edit its value in place
-        values = np.asarray(holder.attrs["value"].values).copy()
-        values.reshape(-1)[index] = size
-        holder.attrs["value"] = gs.Constant(f"{holder.name}_value_pruned", values)
-        return
-    values = np.asarray(holder.values).copy()
-    values.reshape(-1)[index] = size
-    replacement = gs.Constant(f"{holder.name}_pruned_{node.name}", values)
-    readers = [node] if holder in node.inputs else [node.inputs[1].inputs[0]]
-    model.replace_all_uses(holder, replacement, nodes=readers)
+    reader, position = _slot_holder(model, node, slot, own=True)
+    current = constant_value(reader.inputs[position])
+    assert current is not None
+    values = current.copy()
+    values.reshape(-1)[slot[1]] = size
+    reader.inputs[position] = gs.Constant(f"{reader.name}_shape{position}_{node.name}_{slot[1]}", values)
 
 
 def materialize_constant_aliases(model: Model) -> int:
@@ -222,6 +244,7 @@ def slice_channels(model: Model, analysis: ChannelAnalysis, removed: set[int]) -
         tensor.values = np.ascontiguousarray(values)
     for fixup in analysis.fixups:
         fixup.apply(model, lambda cid: find(cid) not in removed)
+    model.graph.toposort()  # fixups may have inserted nodes
     clear_intermediate_shapes(model)
 
 

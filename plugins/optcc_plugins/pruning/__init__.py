@@ -71,6 +71,18 @@ class PruneOptions(PassOptions):
     exclude: list[str] = Field(
         default_factory=list, description="Node-name patterns (fnmatch) never pruned."
     )
+    hidden_size: bool = Field(
+        False,
+        description="Also prune the residual width (transformer hidden size, ConvNeXt stage "
+        "widths): channels that LayerNorm/RMSNorm normalize over are sliced together with "
+        "every embedding, residual add and projection that carries them.",
+    )
+    norm_statistics: Literal["kept", "original"] = Field(
+        "kept",
+        description="With hidden_size: 'kept' normalizes over the kept channels (fused "
+        "LayerNorm stays; its statistics change), 'original' keeps the statistics of the "
+        "zeroed original (means over the original width; LayerNorm becomes elementary ops).",
+    )
 
 
 class StructuredPruningPass(Pass):
@@ -78,7 +90,7 @@ class StructuredPruningPass(Pass):
 
     A group is a set of output channels that must go together (through BatchNorm, residual
     adds, concats, depthwise convolutions, Flatten → Gemm, attention heads), found by
-    groups.py. Its importance is summed over every coupled weight. The ``ratio`` least
+    :func:`optcc.channels.analyze`. Its importance is summed over every coupled weight. The ``ratio`` least
     important units of each group are removed: weights, biases and normalisation vectors are
     sliced, and depthwise ``group`` counts, Split sizes and Reshape targets are updated.
     Kept channel counts are rounded up to a multiple of ``round_to`` (default 8, so tensor
@@ -87,7 +99,11 @@ class StructuredPruningPass(Pass):
     rule) are left alone and listed with the reason.
 
     The result equals the original model with the removed channels' weights zeroed (tested
-    on ResNet-, MobileNetV2-, BERT-style and Concat models).
+    on ResNet-, MobileNetV2-, BERT-style and Concat models and on the model zoo of the tests:
+    fifteen Hugging Face architectures under both exporters). With ``hidden_size`` and
+    ``norm_statistics: kept`` it differs by the normalization statistics alone: LayerNorm
+    and RMSNorm then average over the kept channels, ``mean_kept = mean_all * C / C'`` for
+    the zeroed original's activations.
     """
 
     name = "prune-channels"
@@ -101,6 +117,10 @@ class StructuredPruningPass(Pass):
             return frozenset({Capability.CALIBRATION_DATA})
         return frozenset()
 
+    def channel_options(self) -> channels.ChannelOptions:
+        opts: Any = self.options
+        return channels.ChannelOptions(normalized=opts.hidden_size, norm_statistics=opts.norm_statistics)
+
     def plan(
         self, model: Model, ctx: PassContext
     ) -> tuple[channels.ChannelAnalysis, list[Group], set[int], dict[str, str]]:
@@ -108,7 +128,7 @@ class StructuredPruningPass(Pass):
         aliases become real constants, which does not change what it computes)."""
         opts: Any = self.options
         channels.materialize_constant_aliases(model)
-        analysis = channels.analyze(model)
+        analysis = channels.analyze(model, options=self.channel_options())
         groups = ranked_groups(analysis)
         if opts.importance == "activation":
             activation_importance(analysis, groups, model, lambda: ctx.batches("calibration"), ctx.progress)
@@ -139,7 +159,7 @@ class StructuredPruningPass(Pass):
             mid = (lo + hi) / 2
             removed, skipped = choose(mid)
             trial = model.copy()  # already materialized by plan()
-            channels.slice_channels(trial, channels.analyze(trial), removed)
+            channels.slice_channels(trial, channels.analyze(trial, options=self.channel_options()), removed)
             value = getattr(model_stats(trial), target)
             if value is None or base in (None, 0):
                 break
@@ -155,7 +175,8 @@ class StructuredPruningPass(Pass):
         blocked = analysis.describe_blocked()
         group_rows = [
             {
-                "group": g.name, "layers": list(g.sources), "unit_channels": g.unit,
+                "group": g.name, "kind": group_kind(analysis, g, model), "layers": list(g.sources),
+                "unit_channels": g.unit,
                 "units_before": len(g.classes),
                 "units_after": len(g.classes) - sum(c in removed for c in g.classes),
                 "skipped": skipped.get(g.name),
@@ -188,6 +209,25 @@ class StructuredPruningPass(Pass):
             units_removed=len(removed),
         )
         return PassResult(model, True, stats)
+
+
+def group_kind(analysis: channels.ChannelAnalysis, group: Group, model: Model) -> str:
+    """What a group's units are, for reports: ``heads`` (attention heads: one unit is
+    several channels of a projection), ``hidden`` (the residual width: normalized by a
+    LayerNorm or held by an embedding table), ``channels`` (convolution channels) or
+    ``neurons`` (features of linear layers: FFN neurons)."""
+    if group.unit > 1:
+        return "heads"
+    roots = set(group.classes)
+    for s in analysis.slices:
+        if s.node is not None and s.node.op in ("LayerNormalization", "Gather") and any(
+            analysis.find(i) in roots for i in s.ids
+        ):
+            return "hidden"
+    if any(f.node.op == "ReduceMean" and analysis.find(f.pieces[0][0]) in roots for f in analysis.fixups):
+        return "hidden"
+    ops = {n.op for n in model.graph.nodes if n.name in group.sources}
+    return "channels" if ops <= {"Conv"} else "neurons"
 
 
 def zeroed_reference(model: Model, pass_: StructuredPruningPass, ctx: PassContext | None = None) -> Model:
