@@ -70,7 +70,9 @@ def check_report(original: Model, pruned: Model, stats: dict) -> None:
     for row in stats["layers"]:
         if row["out_after"]:
             shape = shapes[row["name"]]
-            assert row["out_after"] == (shape[0] if row["op"] == "Conv" else shape[-1]), row["name"]
+            node = pruned.node(row["name"])
+            rows_out = row["op"] == "Conv" or (row["op"] == "Gemm" and node.attrs.get("transB", 0))
+            assert row["out_after"] == (shape[0] if rows_out else shape[-1]), row["name"]
 
 
 def _prune(zoo_export, name: str, exporter: str, **options) -> tuple[Model, Model, Model, dict]:
