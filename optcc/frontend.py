@@ -109,18 +109,22 @@ def export_torch(
                         or None
                         for spec in inputs
                     )
-                    # optimize=False: torch's own optimizer folds BatchNorm into the Conv;
-                    # _optimize_keeping_batchnorm runs the same clean-up without that rule.
+                    # With BatchNorm, optimize=False: torch's own optimizer folds it into the
+                    # Conv; _optimize_keeping_batchnorm runs the clean-up without that rule.
+                    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                        for m in module.modules())
                     options = dict(
                         dynamo=True, opset_version=opset or 18, input_names=input_names,
                         output_names=output_names, dynamic_shapes=dynamic_shapes,
-                        external_data=False, verbose=False, optimize=False,
+                        external_data=False, verbose=False,
+                        optimize=not has_batchnorm,  # torch's clean-up fuses BatchNorm
                     )
                     try:
                         program = torch.onnx.export(module, tuple(examples), **options)
                     except Exception as first:
                         program = _export_predecomposed(module, tuple(examples), options, first)
-                    _optimize_keeping_batchnorm(program.model)
+                    if has_batchnorm:
+                        _optimize_keeping_batchnorm(program.model)
                     program.save(str(path))
                 else:
                     dynamic_axes = {
