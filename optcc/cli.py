@@ -965,11 +965,16 @@ def _run(args: argparse.Namespace) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OptccError as exc:
+        internal = getattr(exc, "internal", False)  # a built-in pass's unexpected exception
+        if internal and exc.__cause__ is not None:
+            import traceback
+
+            traceback.print_exception(exc.__cause__)
         for error in getattr(exc, "errors", [exc]):  # RecipeErrors: every error, in file order
             print(f"error: {error}", file=sys.stderr)
             if error.hint:
                 print(f"hint: {error.hint}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return EXIT_BUG if internal else EXIT_USER_ERROR
     except OSError as exc:  # the environment (permissions, full disk, ...), not a bug
         mapped = os_error(exc, "file system error")
         if mapped is None:

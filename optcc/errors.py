@@ -98,11 +98,16 @@ class PassError(OptccError):
         plugin: str | None = None,
         ran_before: list[str] | None = None,
         hint: str | None = None,
+        internal: bool = False,
     ) -> None:
         self.pass_name = pass_name
         self.position = position
         self.plugin = plugin
         self.ran_before = list(ran_before or [])
+        #: an unexpected exception inside one of optcc's own passes: a bug in optcc, not in
+        #: the recipe, the model or a third-party plugin (the CLI exits 70 and keeps the
+        #: traceback)
+        self.internal = internal
         owner = f" (plugin '{plugin}')" if plugin else ""
         super().__init__(
             f"pass #{position} '{pass_name}'{owner}: {message}",

@@ -237,3 +237,22 @@ def test_recipes_shipped_by_a_plugin_are_found_by_name(tmp_path: Path, capsys) -
     finally:
         set_registry(None)
     assert code == 0 and out.startswith(f"{shipped / 'vendor-recipe.yaml'}: ok")
+
+
+def test_an_unexpected_exception_in_a_built_in_pass_is_reported_as_optccs_bug(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """A built-in pass that crashes is optcc's bug (status 70, traceback kept, pass named);
+    the same crash in a third-party plugin stays a one-line error naming that plugin
+    (tests/test_pass_manager.py)."""
+    from optcc_plugins.lossless import FoldConstantsPass
+
+    def crash(self, model, ctx):
+        raise ValueError("Too many bins for data range")
+
+    monkeypatch.setattr(FoldConstantsPass, "run", crash)
+    recipe = write_recipe(tmp_path, f"version: 1\nmodel: {DEMO_MODEL}\npasses: [fold-constants]\n")
+    code, _, err = run(capsys, "build", str(recipe), "-o", str(tmp_path / "out"))
+    assert code == 70, err
+    assert "Traceback" in err and "ValueError: Too many bins for data range" in err
+    assert "error: pass #1 'fold-constants'" in err and "bug in optcc" in err

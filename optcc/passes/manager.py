@@ -212,7 +212,13 @@ class PassManager:
         except OptccError as exc:
             raise self._fail(item, PassError(exc.message, hint=exc.hint, **common), before, ctx) from exc
         except Exception as exc:
-            err = PassError(f"raised {type(exc).__name__}: {exc}", **common)
+            internal = type(p).__module__.split(".")[0] in _OWN_PACKAGES
+            err = PassError(
+                f"raised {type(exc).__name__}: {exc}", internal=internal,
+                hint="this is a bug in optcc, not in the recipe or the model: please report "
+                "it with the traceback (also in the reproducer's error.txt)" if internal else None,
+                **common,
+            )
             err.__cause__ = exc
             raise self._fail(item, err, before, ctx) from exc
         seconds = time.perf_counter() - start
@@ -345,6 +351,10 @@ class PassManager:
             logger.exception("could not write the reproducer")
             return None
         return folder
+
+
+#: packages whose passes are optcc's own: an unexpected exception in them is optcc's bug
+_OWN_PACKAGES = frozenset({"optcc", "optcc_plugins"})
 
 
 def _static_batch(model: Model) -> bool:
